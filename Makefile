@@ -1,0 +1,45 @@
+# stripe_meter: PGXS build.
+#
+# The control file is the single source of the version; the install script
+# for that version is generated from stripe_meter.sql.
+
+EXTENSION = stripe_meter
+EXTVERSION = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" $(EXTENSION).control)
+
+MODULE_big = stripe_meter
+OBJS = \
+	src/stripe_meter.o \
+	src/guc.o \
+	src/shmem.o \
+	src/event_validate.o \
+	src/enqueue.o \
+	src/outbox.o \
+	src/launcher.o
+PGFILEDESC = "stripe_meter - deliver meter events to Stripe"
+
+DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+DATA = $(filter-out $(DATA_built),$(wildcard $(EXTENSION)--*--*.sql))
+
+PG_CPPFLAGS = -Isrc -DSTRIPE_METER_VERSION='"$(EXTVERSION)"' $(shell curl-config --cflags)
+SHLIB_LINK = $(shell curl-config --libs)
+PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
+
+# pg_regress runs in its own throwaway instance that does not preload the
+# library, so no worker touches the rows the SQL tests look at.
+REGRESS = install
+REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=test/regress.conf
+
+TAP_TESTS = 1
+PROVE_TESTS = test/t/*.pl
+
+EXTRA_CLEAN = tmp_regress
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+# Makefile.global resets PROVE_FLAGS, so this must follow the include.
+PROVE_FLAGS += -I test/perl
+
+$(EXTENSION)--$(EXTVERSION).sql: $(EXTENSION).sql
+	cp $< $@

@@ -1,0 +1,24 @@
+-- CREATE EXTENSION works with default settings, without preloading.
+CREATE EXTENSION stripe_meter;
+
+-- Every object the extension owns; an accidental change fails here.
+SELECT pg_describe_object(classid, objid, objsubid) AS object
+  FROM pg_depend
+ WHERE refclassid = 'pg_extension'::regclass
+   AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'stripe_meter')
+   AND deptype = 'e'
+ ORDER BY 1;
+
+-- The user-facing functions live in the extension's schema (public here),
+-- the tables and views in the stripe_meter schema.
+SELECT n.nspname, p.proname
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE p.proname LIKE 'stripe_meter_%'
+ ORDER BY 2;
+
+-- The seed example from the brief.
+SELECT stripe_meter_event_create('ai_search_api',
+	'{"stripe_customer_id": "cus_NciAYcXfLnqBoz", "value": 25}',
+	'identifier_123', now());
+SELECT identifier, event_name, payload, customer, attempts, in_flight_since
+  FROM stripe_meter.outbox;

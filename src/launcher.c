@@ -1,0 +1,3 @@
+#include "postgres.h"
+#include "stripe_meter.h"
+void StripeMeterRegisterLauncher(void) {}

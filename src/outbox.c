@@ -1,0 +1,274 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox.c
+ *	  The SQL the enqueue side runs against the extension's tables.
+ *
+ * Every function here expects to run inside a transaction with SPI already
+ * connected by its caller, and uses saved plans so that a busy enqueue path
+ * parses each statement once per backend.  Table names are schema-qualified
+ * and the plans are revalidated by the plan cache if the extension is
+ * dropped and created again.
+ *
+ * Copyright (c) 2026, stripe_meter developers
+ *
+ * IDENTIFICATION
+ *	  src/outbox.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+
+#include "stripe_meter.h"
+
+static SPIPlanPtr meter_keys_plan = NULL;
+static SPIPlanPtr identifier_plan = NULL;
+static SPIPlanPtr insert_plan = NULL;
+
+static SPIPlanPtr
+prepare_saved(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed for \"%s\": %s",
+			 sql, SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "SPI_keepplan failed");
+	return plan;
+}
+
+/*
+ * OutboxLookupMeterKeys
+ *		The payload keys that carry the customer and the value for an event
+ *		name: its row in stripe_meter.meters, or Stripe's defaults.
+ *
+ * Results live in SPI's memory: valid until the caller's SPI_finish.
+ */
+void
+OutboxLookupMeterKeys(const char *event_name, char **customer_key, char **value_key)
+{
+	Datum		arg;
+	int			rc;
+
+	if (meter_keys_plan == NULL)
+	{
+		Oid			types[1] = {TEXTOID};
+
+		meter_keys_plan = prepare_saved(
+										"SELECT customer_payload_key, value_payload_key"
+										"  FROM stripe_meter.meters WHERE event_name = $1",
+										1, types);
+	}
+
+	arg = CStringGetTextDatum(event_name);
+	rc = SPI_execute_plan(meter_keys_plan, &arg, NULL, true, 1);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not look up meter \"%s\": %s",
+			 event_name, SPI_result_code_string(rc));
+
+	if (SPI_processed == 1)
+	{
+		*customer_key = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+		*value_key = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	}
+	else
+	{
+		*customer_key = pstrdup(DEFAULT_CUSTOMER_KEY);
+		*value_key = pstrdup(DEFAULT_VALUE_KEY);
+	}
+}
+
+/*
+ * OutboxCheckIdentifierUnused
+ *		Refuse an identifier that is queued, delivered or failed already.
+ *
+ * Stripe would answer a repeat within its window with "An event already
+ * exists"; past that window it would bill the event a second time.  Either
+ * way the user's intent is ambiguous, so the enqueue fails instead.  The
+ * unique index on the outbox still guards concurrent inserts.
+ */
+void
+OutboxCheckIdentifierUnused(const char *identifier)
+{
+	Datum		arg;
+	int			rc;
+	int			where;
+	bool		isnull;
+
+	if (identifier_plan == NULL)
+	{
+		Oid			types[1] = {TEXTOID};
+
+		identifier_plan = prepare_saved(
+										"SELECT 1 FROM stripe_meter.outbox WHERE identifier = $1"
+										" UNION ALL "
+										"SELECT 2 FROM stripe_meter.meter_events WHERE identifier = $1"
+										" UNION ALL "
+										"SELECT 3 FROM stripe_meter.failed_events WHERE identifier = $1"
+										" LIMIT 1",
+										1, types);
+	}
+
+	arg = CStringGetTextDatum(identifier);
+	rc = SPI_execute_plan(identifier_plan, &arg, NULL, true, 1);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not check meter event identifier: %s",
+			 SPI_result_code_string(rc));
+	if (SPI_processed == 0)
+		return;
+
+	where = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0],
+										SPI_tuptable->tupdesc, 1, &isnull));
+	if (where == 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("meter event identifier \"%s\" is already queued", identifier),
+				 errdetail("Stripe bills each identifier once; a second event needs its own identifier.")));
+	else if (where == 2)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("meter event identifier \"%s\" was already delivered", identifier),
+				 errdetail("Stripe bills each identifier once; a second event needs its own identifier.")));
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("meter event identifier \"%s\" belongs to a failed event", identifier),
+				 errhint("Queue it again with stripe_meter_retry_failed('%s'), or delete it from stripe_meter.failed_events first.",
+						 identifier)));
+}
+
+/*
+ * OutboxInsertEvent
+ *		Queue one event; the outbox's BEFORE INSERT trigger validates it.
+ *
+ * identifier and ts may be NULL (the trigger fills them in).  Returns the
+ * event's identifier as text, copied out of SPI's memory into the context
+ * that was current at SPI_connect, so it outlives SPI_finish.
+ */
+text *
+OutboxInsertEvent(const char *event_name, Jsonb *payload,
+				  const char *identifier, TimestampTz *ts,
+				  const char *stripe_account)
+{
+	Datum		args[5];
+	char		nulls[5];
+	int			rc;
+	bool		isnull;
+	Datum		result;
+
+	if (insert_plan == NULL)
+	{
+		Oid			types[5] = {TEXTOID, JSONBOID, TEXTOID, TIMESTAMPTZOID, TEXTOID};
+
+		insert_plan = prepare_saved(
+									"INSERT INTO stripe_meter.outbox"
+									" (event_name, payload, identifier, ts, stripe_account)"
+									" VALUES ($1, $2, $3, $4, $5) RETURNING identifier",
+									5, types);
+	}
+
+	memset(nulls, ' ', sizeof(nulls));
+	args[0] = event_name ? CStringGetTextDatum(event_name) : (Datum) 0;
+	nulls[0] = event_name ? ' ' : 'n';
+	args[1] = payload ? JsonbPGetDatum(payload) : (Datum) 0;
+	nulls[1] = payload ? ' ' : 'n';
+	args[2] = identifier ? CStringGetTextDatum(identifier) : (Datum) 0;
+	nulls[2] = identifier ? ' ' : 'n';
+	args[3] = ts ? TimestampTzGetDatum(*ts) : (Datum) 0;
+	nulls[3] = ts ? ' ' : 'n';
+	args[4] = stripe_account ? CStringGetTextDatum(stripe_account) : (Datum) 0;
+	nulls[4] = stripe_account ? ' ' : 'n';
+
+	rc = SPI_execute_plan(insert_plan, args, nulls, false, 1);
+	if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+		elog(ERROR, "could not queue meter event: %s", SPI_result_code_string(rc));
+
+	result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return DatumGetTextPP(SPI_datumTransfer(result, false, -1));
+}
+
+/*
+ * OutboxRetryFailed
+ *		Move failed events back into the outbox: the one named, or all.
+ *
+ * They re-enter through the same validation as any new event, so an event
+ * whose timestamp has meanwhile left Stripe's 35-day window cannot be
+ * queued again; when retrying all, such events are left where they are and
+ * counted in a NOTICE.  Returns how many events were queued.
+ */
+int64
+OutboxRetryFailed(const char *identifier)
+{
+	static SPIPlanPtr take_plan = NULL;
+	Oid			types[1] = {TEXTOID};
+	Datum		arg;
+	char		null;
+	int			rc;
+	uint64		i;
+	uint64		n;
+	SPITupleTable *taken;
+
+	if (take_plan == NULL)
+		take_plan = prepare_saved(
+								  "DELETE FROM stripe_meter.failed_events"
+								  " WHERE ($1::text IS NULL OR identifier = $1)"
+								  "   AND ($1::text IS NOT NULL OR ts >= pg_catalog.clock_timestamp()"
+								  "        - interval '35 days' + interval '1 minute')"
+								  " RETURNING identifier, event_name, payload, ts, stripe_account",
+								  1, types);
+
+	arg = identifier ? CStringGetTextDatum(identifier) : (Datum) 0;
+	null = identifier ? ' ' : 'n';
+	rc = SPI_execute_plan(take_plan, &arg, &null, false, 0);
+	if (rc != SPI_OK_DELETE_RETURNING)
+		elog(ERROR, "could not take failed meter events: %s", SPI_result_code_string(rc));
+
+	if (identifier != NULL && SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("no failed meter event has identifier \"%s\"", identifier)));
+
+	taken = SPI_tuptable;
+	n = SPI_processed;
+	for (i = 0; i < n; i++)
+	{
+		HeapTuple	tup = taken->vals[i];
+		TupleDesc	desc = taken->tupdesc;
+		bool		isnull;
+		TimestampTz ts;
+		char	   *account;
+
+		ts = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
+		account = SPI_getvalue(tup, desc, 5);
+		(void) OutboxInsertEvent(SPI_getvalue(tup, desc, 2),
+								 DatumGetJsonbP(SPI_getbinval(tup, desc, 3, &isnull)),
+								 SPI_getvalue(tup, desc, 1),
+								 &ts, account);
+	}
+
+	if (identifier == NULL)
+	{
+		rc = SPI_execute("SELECT pg_catalog.count(*) FROM stripe_meter.failed_events",
+						 true, 0);
+		if (rc == SPI_OK_SELECT && SPI_processed == 1)
+		{
+			bool		isnull;
+			int64		left = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+														   SPI_tuptable->tupdesc, 1,
+														   &isnull));
+
+			if (left > 0)
+				ereport(NOTICE,
+						(errmsg("%lld failed meter events were not queued again",
+								(long long) left),
+						 errdetail("Their timestamps are more than 35 days old, and Stripe would reject them.")));
+		}
+	}
+	return (int64) n;
+}
