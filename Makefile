@@ -14,7 +14,12 @@ OBJS = \
 	src/event_validate.o \
 	src/enqueue.o \
 	src/outbox.o \
-	src/launcher.o
+	src/launcher.o \
+	src/worker.o \
+	src/delivery_store.o \
+	src/delivery_outcome.o \
+	src/form_encode.o \
+	src/stripe_client.o
 PGFILEDESC = "stripe_meter - deliver meter events to Stripe"
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql

@@ -39,12 +39,15 @@ CREATE TABLE stripe_meter.outbox (
 	enqueued_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
 	attempts integer NOT NULL DEFAULT 0,
 	first_attempt_at timestamptz,
-	next_attempt_at timestamptz,
+	unknown_outcome_since timestamptz,
+	next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
 	in_flight_since timestamptz,
 	last_http_status integer,
 	last_error text,
 	CONSTRAINT outbox_identifier_key UNIQUE (identifier)
 ) WITH (fillfactor = 80);
+-- The worker claims the events that are due, in the order they fell due.
+CREATE INDEX outbox_due_idx ON stripe_meter.outbox (next_attempt_at);
 COMMENT ON TABLE stripe_meter.outbox IS
 	'Meter events waiting to be delivered to Stripe';
 COMMENT ON COLUMN stripe_meter.outbox.identifier IS
@@ -52,7 +55,9 @@ COMMENT ON COLUMN stripe_meter.outbox.identifier IS
 COMMENT ON COLUMN stripe_meter.outbox.customer IS
 	'The customer the payload names (derived from the meter''s customer key)';
 COMMENT ON COLUMN stripe_meter.outbox.first_attempt_at IS
-	'When the event was first handed to the network; bounds safe resends to Stripe''s idempotency window';
+	'When the worker first claimed the event for sending';
+COMMENT ON COLUMN stripe_meter.outbox.unknown_outcome_since IS
+	'When an attempt first ended without a definite answer (timeout, reset, 5xx, crash); resends stay inside Stripe''s idempotency window from then';
 COMMENT ON COLUMN stripe_meter.outbox.in_flight_since IS
 	'Set while the worker has the event claimed';
 

@@ -169,7 +169,11 @@ StripeMeterNotifyLauncher(Oid dboid)
 	LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
 	slot = StripeMeterFindSlot(dboid);
 	if (slot != NULL)
-		slot->probe_requested = true;
+	{
+		/* the launcher looks again once the current worker is gone */
+		if (slot->state != SLOT_RUNNING)
+			slot->probe_requested = true;
+	}
 	else
 	{
 		int			i;
@@ -180,7 +184,7 @@ StripeMeterNotifyLauncher(Oid dboid)
 			{
 				memset(&StripeMeterShmem->slots[i], 0, sizeof(DatabaseSlot));
 				StripeMeterShmem->slots[i].dboid = dboid;
-				StripeMeterShmem->slots[i].state = SLOT_ABSENT;
+				StripeMeterShmem->slots[i].state = SLOT_REQUESTED;
 				StripeMeterShmem->slots[i].probe_requested = true;
 				break;
 			}

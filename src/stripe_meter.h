@@ -102,13 +102,19 @@ extern text *OutboxInsertEvent(const char *event_name, Jsonb *payload,
 
 /* ---- in shmem.c ---- */
 
-/* What the launcher knows about one database. */
+/*
+ * A database's slot.  The launcher moves it REQUESTED -> STARTING; the
+ * worker moves it to RUNNING once it has found the extension, and on exit
+ * to FREE (no extension) or STOPPED (anything else: restart it).
+ */
 typedef enum DatabaseSlotState
 {
 	SLOT_FREE = 0,
-	SLOT_PROBING,				/* a worker is starting; extension not yet seen */
-	SLOT_RUNNING,				/* a worker is delivering for this database */
-	SLOT_ABSENT					/* no extension here; probe again when told */
+	SLOT_REQUESTED,				/* wants a worker (new database, CREATE
+								 * EXTENSION, an enqueue with no worker) */
+	SLOT_STARTING,				/* registered by the launcher */
+	SLOT_RUNNING,				/* delivering */
+	SLOT_STOPPED				/* exited unexpectedly; restart after a pause */
 } DatabaseSlotState;
 
 #define WORKER_TEXT_LEN 512
@@ -119,8 +125,9 @@ typedef struct DatabaseSlot
 	DatabaseSlotState state;
 	pid_t		pid;
 	Latch	   *latch;			/* the worker's latch, NULL when none */
-	bool		probe_requested;	/* CREATE EXTENSION ran here */
+	bool		probe_requested;	/* told again while starting or stopping */
 	TimestampTz started_at;
+	TimestampTz stopped_at;
 	char		paused[WORKER_TEXT_LEN];	/* empty when delivering */
 	char		last_error[WORKER_TEXT_LEN];
 	TimestampTz last_error_at;
@@ -151,5 +158,104 @@ extern PGDLLEXPORT void StripeMeterLauncherMain(Datum main_arg);
 
 /* ---- in worker.c ---- */
 extern PGDLLEXPORT void StripeMeterWorkerMain(Datum main_arg);
+
+/* ---- delivery: the types shared by the worker's files ---- */
+
+/* How one attempt ended, as delivery_outcome.c classifies it. */
+typedef enum DeliveryVerdict
+{
+	VERDICT_DELIVERED,			/* Stripe has the event */
+	VERDICT_RETRY,				/* try again later with the same key */
+	VERDICT_FAIL,				/* can never succeed as it is */
+	VERDICT_PAUSE,				/* the key or URL is wrong: stop sending */
+	VERDICT_RELEASE				/* never sent: back to the queue untouched */
+} DeliveryVerdict;
+
+typedef struct DeliveryOutcome
+{
+	DeliveryVerdict verdict;
+	const char *delivery;		/* created, replayed, already_existed */
+	bool		rate_limited;	/* a 429: slow the whole sender down */
+	bool		outcome_unknown;	/* Stripe may have processed it */
+	bool		retry_now;		/* Stripe-Should-Retry: true */
+	long		http_status;	/* 0 when no response */
+	char	   *reason;			/* for people: why it failed or is retried */
+	char	   *response_json;	/* valid JSON body, or NULL */
+	char		request_id[64];
+} DeliveryOutcome;
+
+/* The events of one claim share a memory context, freed with the last. */
+typedef struct ClaimBatch
+{
+	MemoryContext cxt;
+	int			live;			/* events not yet recorded */
+} ClaimBatch;
+
+/* One claimed event, held by the worker from claim to record. */
+typedef struct ClaimedEvent
+{
+	ClaimBatch *batch;
+	uint64		busy_key;		/* hash of (account, event name, customer) */
+	char	   *idempotency_key;
+	int64		id;
+	char	   *identifier;
+	char	   *event_name;
+	char	   *customer;
+	char	   *stripe_account; /* NULL when none */
+	char	   *body;			/* the form-encoded request */
+	TimestampTz ts;
+	TimestampTz unknown_outcome_since;	/* 0 when every attempt had an answer */
+	int			attempts;
+	bool		sent;			/* handed to the network by this worker */
+	DeliveryOutcome outcome;
+	struct ClaimedEvent *next;	/* queue links */
+} ClaimedEvent;
+
+/* ---- in form_encode.c ---- */
+extern char *FormEncodeMeterEvent(const char *event_name, Jsonb *payload,
+								  const char *identifier, TimestampTz ts,
+								  const char *value_key);
+extern char *FormEncodeIdempotencyKey(const char *identifier);
+
+/* ---- in delivery_outcome.c ---- */
+typedef struct HttpResult
+{
+	int			curl_code;		/* CURLE_OK (0) when a response came */
+	const char *curl_error;
+	bool		connected;		/* the request may have reached Stripe */
+	long		status;
+	const char *body;
+	size_t		body_len;
+	bool		body_truncated;
+	const char *request_id;
+	char		should_retry;	/* 't', 'f' or 0 when absent */
+	bool		replayed;
+} HttpResult;
+
+extern void DeliveryClassify(const HttpResult *http, const char *identifier,
+							 DeliveryOutcome *outcome);
+extern bool DeliveryJsonIsStorable(const char *json, size_t len);
+
+/* ---- in delivery_store.c (the worker's SQL) ---- */
+extern bool DeliveryStoreBegin(void);
+extern void DeliveryStoreCommit(void);
+extern void DeliveryStoreRepair(void);
+extern int	DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head,
+							   ClaimedEvent **tail);
+extern TimestampTz DeliveryStoreRecord(ClaimedEvent *done);
+extern int64 DeliveryStorePurgeDelivered(void);
+extern int	DeliveryBackoffMs(int attempts);
+
+/* ---- in stripe_client.c (libcurl only) ---- */
+typedef void (*StripeDoneCallback) (void *owner, const HttpResult *http);
+
+extern void StripeClientInit(void);
+extern bool StripeClientStart(void *owner, const char *path, const char *body,
+							  const char *idempotency_key,
+							  const char *stripe_account);
+extern int	StripeClientInFlight(void);
+extern bool StripeClientWait(long timeout_ms, StripeDoneCallback done);
+extern void StripeClientSettingsChanged(void);
+extern void StripeClientAppendEscaped(StringInfo buf, const char *s, int len);
 
 #endif							/* STRIPE_METER_H */

@@ -1,0 +1,229 @@
+/*-------------------------------------------------------------------------
+ *
+ * delivery_outcome.c
+ *	  Decide what one attempt's answer means for its event, following the
+ *	  rules Stripe documents (../shared/stripe/api-facts.md, sections 1-3
+ *	  and 8).  Pure functions: no SQL, no curl, no ERROR.
+ *
+ * In order:
+ *	- no answer: retry; if the request may have reached Stripe, the outcome
+ *	  is unknown, which bounds how long resends stay safe
+ *	- 401/403 (and 404: the URL is wrong): pause delivery, keep the event
+ *	- 429: retry and slow the whole sender down; never fail for it
+ *	- Stripe-Should-Retry: true retries, false forbids a retry
+ *	- 200 with a billing.meter_event: delivered (replayed when Stripe says so)
+ *	- 400 "An event already exists with identifier": delivered before
+ *	- 409 and 5xx: retry (outcome unknown)
+ *	- any other 4xx: fail for good, keeping Stripe's error
+ *
+ * Copyright (c) 2026, stripe_meter developers
+ *
+ * IDENTIFICATION
+ *	  src/delivery_outcome.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "common/jsonapi.h"
+#include "mb/pg_wchar.h"
+
+#include "stripe_meter.h"
+
+typedef struct StorableCheck
+{
+	bool		ok;
+} StorableCheck;
+
+static void
+check_scalar(void *state, char *token, JsonTokenType tokentype)
+{
+	/* numeric input refuses absurd numbers; keep them out of jsonb_in */
+	if (tokentype == JSON_TOKEN_NUMBER && strlen(token) > 100)
+		((StorableCheck *) state)->ok = false;
+}
+
+/*
+ * DeliveryJsonIsStorable
+ *		True when the text is one JSON object that jsonb_in will accept.
+ *
+ * The worker has no error handler around jsonb_in: a body it cannot store
+ * must be found here, without raising an error.
+ */
+bool
+DeliveryJsonIsStorable(const char *json, size_t len)
+{
+	JsonLexContext *lex;
+	JsonSemAction sem;
+	StorableCheck state = {true};
+	JsonParseErrorType rc;
+	size_t		i = 0;
+
+	while (i < len && (json[i] == ' ' || json[i] == '\t' || json[i] == '\r' || json[i] == '\n'))
+		i++;
+	if (i == len || json[i] != '{' || memchr(json, '\0', len) != NULL)
+		return false;
+	if (pg_verify_mbstr(GetDatabaseEncoding(), json, len, true) == false)
+		return false;
+
+	memset(&sem, 0, sizeof(sem));
+	sem.semstate = &state;
+	sem.scalar = check_scalar;
+	lex = makeJsonLexContextCstringLen(pnstrdup(json, len), len,
+									   GetDatabaseEncoding(), true);
+	rc = pg_parse_json(lex, &sem);
+	return rc == JSON_SUCCESS && state.ok;
+}
+
+static char *
+body_excerpt(const HttpResult *http)
+{
+	size_t		n = Min(http->body_len, 200);
+	char	   *s = pnstrdup(http->body ? http->body : "", n);
+	char	   *p;
+
+	for (p = s; *p; p++)
+		if ((unsigned char) *p < 0x20)
+			*p = ' ';
+	return s;
+}
+
+/* Stripe's error message from an error body, if there is one */
+static char *
+stripe_error_message(const char *json)
+{
+	const char *m;
+	const char *end;
+	StringInfoData buf;
+
+	if (json == NULL || (m = strstr(json, "\"message\"")) == NULL)
+		return NULL;
+	m = strchr(m + 9, '"');
+	if (m == NULL)
+		return NULL;
+	m++;
+	initStringInfo(&buf);
+	for (end = m; *end && *end != '"' && buf.len < 300; end++)
+	{
+		if (*end == '\\' && end[1])
+			end++;
+		appendStringInfoChar(&buf, *end);
+	}
+	return buf.data;
+}
+
+/*
+ * DeliveryClassify
+ *		Fill in *outcome for one attempt of the event with this identifier.
+ */
+void
+DeliveryClassify(const HttpResult *http, const char *identifier,
+				 DeliveryOutcome *outcome)
+{
+	char	   *message;
+
+	memset(outcome, 0, sizeof(*outcome));
+	outcome->http_status = http->status;
+	if (http->request_id)
+		strlcpy(outcome->request_id, http->request_id, sizeof(outcome->request_id));
+	outcome->retry_now = (http->should_retry == 't');
+
+	if (http->curl_code != 0)
+	{
+		outcome->verdict = VERDICT_RETRY;
+		outcome->outcome_unknown = http->connected;
+		outcome->reason = psprintf("could not get an answer from Stripe: %s",
+								   http->curl_error ? http->curl_error : "transfer failed");
+		return;
+	}
+
+	if (http->body && !http->body_truncated &&
+		DeliveryJsonIsStorable(http->body, http->body_len))
+		outcome->response_json = pnstrdup(http->body, http->body_len);
+	message = stripe_error_message(outcome->response_json);
+
+	/* the key or the URL is wrong for every event: stop, keep them all */
+	if (http->status == 401 || http->status == 403 || http->status == 404)
+	{
+		outcome->verdict = VERDICT_PAUSE;
+		outcome->reason =
+			http->status == 401 ?
+			psprintf("Stripe rejected the API key (HTTP 401): %s",
+					 message ? message : "no message") :
+			http->status == 403 ?
+			psprintf("the API key may not create meter events (HTTP 403): %s",
+					 message ? message : "no message") :
+			psprintf("Stripe answered HTTP 404 for the meter events endpoint; check stripe_meter.api_url");
+		return;
+	}
+
+	/* Stripe's rate limiters run before its idempotency layer: resend */
+	if (http->status == 429)
+	{
+		outcome->verdict = VERDICT_RETRY;
+		outcome->rate_limited = true;
+		outcome->reason = psprintf("rate limited by Stripe (HTTP 429): %s",
+								   message ? message : "no message");
+		return;
+	}
+
+	if (http->status == 200)
+	{
+		if (outcome->response_json != NULL &&
+			strstr(outcome->response_json, "\"billing.meter_event\"") != NULL)
+		{
+			outcome->verdict = VERDICT_DELIVERED;
+			outcome->delivery = http->replayed ? "replayed" : "created";
+			return;
+		}
+		/* the event was probably created; a resend replays the answer */
+		outcome->verdict = VERDICT_RETRY;
+		outcome->outcome_unknown = true;
+		outcome->reason = psprintf("Stripe answered HTTP 200 without a billing.meter_event: %s",
+								   body_excerpt(http));
+		return;
+	}
+
+	if (http->status == 400 && message != NULL &&
+		strncmp(message, "An event already exists with identifier", 39) == 0)
+	{
+		outcome->verdict = VERDICT_DELIVERED;
+		outcome->delivery = "already_existed";
+		outcome->response_json = NULL;	/* no object came back */
+		return;
+	}
+
+	if (http->should_retry == 'f' && (http->status == 409 || http->status >= 500))
+	{
+		outcome->verdict = VERDICT_FAIL;
+		outcome->reason = psprintf("Stripe answered HTTP %ld and said not to retry: %s",
+								   http->status, message ? message : body_excerpt(http));
+		return;
+	}
+
+	if (http->should_retry == 't' || http->status == 409 || http->status >= 500)
+	{
+		outcome->verdict = VERDICT_RETRY;
+		outcome->outcome_unknown = true;
+		outcome->reason = psprintf("Stripe answered HTTP %ld: %s", http->status,
+								   message ? message : body_excerpt(http));
+		return;
+	}
+
+	if (http->status >= 400 && http->status < 500 && outcome->response_json != NULL)
+	{
+		outcome->verdict = VERDICT_FAIL;
+		outcome->reason = psprintf("Stripe refused the event (HTTP %ld): %s",
+								   http->status, message ? message : "no message");
+		return;
+	}
+
+	/*
+	 * Anything else (a 4xx without Stripe's error body, a redirect, an odd
+	 * status) is not Stripe speaking: most likely a proxy.  Retry.
+	 */
+	outcome->verdict = VERDICT_RETRY;
+	outcome->outcome_unknown = true;
+	outcome->reason = psprintf("unexpected answer (HTTP %ld): %s", http->status,
+							   body_excerpt(http));
+}

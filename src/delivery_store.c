@@ -1,0 +1,537 @@
+/*-------------------------------------------------------------------------
+ *
+ * delivery_store.c
+ *	  The delivery worker's SQL: claim events, record what happened to
+ *	  them, repair claims a crash left behind, purge old delivered rows.
+ *
+ * Each call runs in its own short transaction (DeliveryStoreBegin ...
+ * DeliveryStoreCommit); no transaction is ever open while requests are in
+ * flight, so a slow Stripe holds no snapshot, lock or xid.
+ *
+ * The guarantee rests on two facts.  A claim is committed before any byte
+ * of its events goes on the wire, so after a crash the repair step knows
+ * which events might have reached Stripe and marks their outcome unknown.
+ * And every attempt of an event sends the same identifier and
+ * Idempotency-Key, so a resend after a lost answer is replayed by Stripe
+ * instead of billed again, for as long as the resend window allows.
+ * Recording is therefore committed asynchronously: losing a record in a
+ * crash only causes a resend that Stripe answers with a replay.
+ *
+ * Copyright (c) 2026, stripe_meter developers
+ *
+ * IDENTIFICATION
+ *	  src/delivery_store.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "common/hashfn.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "pgstat.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/jsonb.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "stripe_meter.h"
+
+static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr delivered_plan = NULL;
+static SPIPlanPtr failed_plan = NULL;
+static SPIPlanPtr retry_plan = NULL;
+static SPIPlanPtr release_plan = NULL;
+
+static SPIPlanPtr
+saved_plan(const char *sql, int nargs, Oid *types)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
+
+	if (plan == NULL)
+		elog(ERROR, "could not prepare \"%s\": %s", sql,
+			 SPI_result_code_string(SPI_result));
+	SPI_keepplan(plan);
+	return plan;
+}
+
+/*
+ * DeliveryStoreBegin
+ *		Start a short transaction with SPI connected.
+ *
+ * Returns false, with no transaction open, when the extension is gone from
+ * this database (DROP EXTENSION): the worker should then exit.
+ */
+bool
+DeliveryStoreBegin(void)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (!OidIsValid(get_extension_oid("stripe_meter", true)))
+	{
+		CommitTransactionCommand();
+		return false;
+	}
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	return true;
+}
+
+void
+DeliveryStoreCommit(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	/* a background worker must report its statistics itself */
+	pgstat_report_stat(false);
+	/* commit leaves TopMemoryContext current */
+	MemoryContextSwitchTo(cxt);
+}
+
+/*
+ * DeliveryStoreRepair
+ *		At worker start: events a previous worker claimed but never
+ *		recorded go back to the queue, their outcome unknown since the
+ *		claim, because any of them may have reached Stripe.
+ */
+void
+DeliveryStoreRepair(void)
+{
+	int			rc;
+
+	rc = SPI_execute("UPDATE stripe_meter.outbox"
+					 "   SET in_flight_since = NULL,"
+					 "       unknown_outcome_since = COALESCE(unknown_outcome_since, in_flight_since)"
+					 " WHERE in_flight_since IS NOT NULL", false, 0);
+	if (rc != SPI_OK_UPDATE)
+		elog(ERROR, "could not repair claimed meter events: %s", SPI_result_code_string(rc));
+	if (SPI_processed > 0)
+		ereport(LOG,
+				(errmsg("stripe_meter worker found %llu meter events claimed before a restart",
+						(unsigned long long) SPI_processed),
+				 errdetail("They will be sent again with the same idempotency keys.")));
+}
+
+static uint64
+busy_key_of(const char *account, const char *event_name, const char *customer)
+{
+	uint64		h = hash_bytes_extended((const unsigned char *) event_name,
+										strlen(event_name), 0);
+
+	h = hash_bytes_extended((const unsigned char *) customer, strlen(customer), h);
+	if (account)
+		h = hash_bytes_extended((const unsigned char *) account, strlen(account), h);
+	return h;
+}
+
+/*
+ * DeliveryStoreClaim
+ *		Claim up to limit due events, oldest first, and build their requests.
+ *
+ * The claim marks them in flight and counts the attempt in the same
+ * statement.  The events, their strings and request bodies are allocated in
+ * batch->cxt and appended to the list head/tail.  Returns how many.
+ */
+int
+DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head, ClaimedEvent **tail)
+{
+	Datum		arg = Int32GetDatum(limit);
+	int			rc;
+	uint64		i;
+	MemoryContext old;
+
+	if (claim_plan == NULL)
+	{
+		Oid			types[1] = {INT4OID};
+
+		claim_plan = saved_plan(
+								"WITH due AS ("
+								"  SELECT id FROM stripe_meter.outbox"
+								"   WHERE next_attempt_at <= pg_catalog.clock_timestamp()"
+								"     AND in_flight_since IS NULL"
+								"   ORDER BY next_attempt_at LIMIT $1"
+								"   FOR UPDATE SKIP LOCKED)"
+								" UPDATE stripe_meter.outbox o"
+								"    SET in_flight_since = pg_catalog.now(),"
+								"        attempts = o.attempts + 1,"
+								"        first_attempt_at = COALESCE(o.first_attempt_at, pg_catalog.now())"
+								"   FROM due WHERE o.id = due.id"
+								" RETURNING o.id, o.identifier, o.event_name, o.payload, o.ts,"
+								"   o.stripe_account, o.customer, o.attempts, o.unknown_outcome_since,"
+								"   COALESCE((SELECT m.value_payload_key FROM stripe_meter.meters m"
+								"                         WHERE m.event_name = o.event_name), 'value')",
+								1, types);
+	}
+
+	rc = SPI_execute_plan(claim_plan, &arg, NULL, false, 0);
+	if (rc != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "could not claim meter events: %s", SPI_result_code_string(rc));
+
+	old = MemoryContextSwitchTo(batch->cxt);
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		ClaimedEvent *e = palloc0(sizeof(ClaimedEvent));
+		bool		isnull;
+		Datum		d;
+
+		e->batch = batch;
+		e->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		e->identifier = SPI_getvalue(tup, desc, 2);
+		e->event_name = SPI_getvalue(tup, desc, 3);
+		e->ts = DatumGetTimestampTz(SPI_getbinval(tup, desc, 5, &isnull));
+		e->stripe_account = SPI_getvalue(tup, desc, 6);
+		e->customer = SPI_getvalue(tup, desc, 7);
+		e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+		d = SPI_getbinval(tup, desc, 9, &isnull);
+		e->unknown_outcome_since = isnull ? 0 : DatumGetTimestampTz(d);
+		e->body = FormEncodeMeterEvent(e->event_name,
+									   DatumGetJsonbP(SPI_getbinval(tup, desc, 4, &isnull)),
+									   e->identifier, e->ts,
+									   SPI_getvalue(tup, desc, 10));
+		e->idempotency_key = FormEncodeIdempotencyKey(e->identifier);
+		e->busy_key = busy_key_of(e->stripe_account, e->event_name, e->customer);
+
+		if (*tail)
+			(*tail)->next = e;
+		else
+			*head = e;
+		*tail = e;
+		batch->live++;
+	}
+	MemoryContextSwitchTo(old);
+	return (int) SPI_processed;
+}
+
+static ArrayType *
+int8_array(Datum *values, int n)
+{
+	return construct_array(values, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+}
+
+static ArrayType *
+text_array(Datum *values, bool *nulls, int n)
+{
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	return construct_md_array(values, nulls, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT);
+}
+
+static ArrayType *
+simple_array(Datum *values, bool *nulls, int n, Oid type, int len, bool byval, char align)
+{
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	return construct_md_array(values, nulls, 1, dims, lbs, type, len, byval, align);
+}
+
+static Datum
+text_or_null(const char *s, bool *isnull)
+{
+	*isnull = (s == NULL || s[0] == '\0');
+	return *isnull ? (Datum) 0 : CStringGetTextDatum(s);
+}
+
+/*
+ * DeliveryStoreRecord
+ *		Record the outcome of every event in the list, set-wise: delivered
+ *		events move to meter_events with Stripe's object, failed ones to
+ *		failed_events with the reason, retried ones go back to the queue
+ *		with their next attempt time, released ones as if never claimed.
+ *		Returns when the first rescheduled event is due, or 0.
+ */
+TimestampTz
+DeliveryStoreRecord(ClaimedEvent *list)
+{
+	TimestampTz earliest = 0;
+	int			n = 0;
+	int			nd = 0,
+				nf = 0,
+				nr = 0,
+				nl = 0;
+	ClaimedEvent *e;
+	Datum	   *d_id,
+			   *d_obj,
+			   *d_how,
+			   *d_req;
+	bool	   *d_objn,
+			   *d_reqn;
+	Datum	   *f_id,
+			   *f_reason,
+			   *f_status,
+			   *f_err,
+			   *f_req;
+	bool	   *f_statusn,
+			   *f_errn,
+			   *f_reqn;
+	Datum	   *r_id,
+			   *r_next,
+			   *r_status,
+			   *r_reason,
+			   *r_unknown;
+	bool	   *r_statusn,
+			   *r_reasonn;
+	Datum	   *l_id;
+	TimestampTz now = GetCurrentTimestamp();
+	int			rc;
+
+	for (e = list; e; e = e->next)
+		n++;
+	if (n == 0)
+		return 0;
+
+	d_id = palloc(sizeof(Datum) * n);
+	d_obj = palloc(sizeof(Datum) * n);
+	d_how = palloc(sizeof(Datum) * n);
+	d_req = palloc(sizeof(Datum) * n);
+	d_objn = palloc(sizeof(bool) * n);
+	d_reqn = palloc(sizeof(bool) * n);
+	f_id = palloc(sizeof(Datum) * n);
+	f_reason = palloc(sizeof(Datum) * n);
+	f_status = palloc(sizeof(Datum) * n);
+	f_err = palloc(sizeof(Datum) * n);
+	f_req = palloc(sizeof(Datum) * n);
+	f_statusn = palloc(sizeof(bool) * n);
+	f_errn = palloc(sizeof(bool) * n);
+	f_reqn = palloc(sizeof(bool) * n);
+	r_id = palloc(sizeof(Datum) * n);
+	r_next = palloc(sizeof(Datum) * n);
+	r_status = palloc(sizeof(Datum) * n);
+	r_reason = palloc(sizeof(Datum) * n);
+	r_unknown = palloc(sizeof(Datum) * n);
+	r_statusn = palloc(sizeof(bool) * n);
+	r_reasonn = palloc(sizeof(bool) * n);
+	l_id = palloc(sizeof(Datum) * n);
+
+	for (e = list; e; e = e->next)
+	{
+		DeliveryOutcome *o = &e->outcome;
+
+		switch (o->verdict)
+		{
+			case VERDICT_DELIVERED:
+				d_id[nd] = Int64GetDatum(e->id);
+				d_obj[nd] = text_or_null(o->response_json, &d_objn[nd]);
+				d_how[nd] = CStringGetTextDatum(o->delivery);
+				d_req[nd] = text_or_null(o->request_id, &d_reqn[nd]);
+				nd++;
+				break;
+			case VERDICT_FAIL:
+				f_id[nf] = Int64GetDatum(e->id);
+				f_reason[nf] = CStringGetTextDatum(o->reason);
+				f_status[nf] = Int32GetDatum((int32) o->http_status);
+				f_statusn[nf] = (o->http_status == 0);
+				f_err[nf] = text_or_null(o->response_json, &f_errn[nf]);
+				f_req[nf] = text_or_null(o->request_id, &f_reqn[nf]);
+				nf++;
+				break;
+			case VERDICT_RETRY:
+			case VERDICT_PAUSE:
+				{
+					TimestampTz next_at = o->verdict == VERDICT_PAUSE ? now :
+					TimestampTzPlusMilliseconds(now, DeliveryBackoffMs(e->attempts));
+
+					if (earliest == 0 || next_at < earliest)
+						earliest = next_at;
+					r_next[nr] = TimestampTzGetDatum(next_at);
+				}
+				r_id[nr] = Int64GetDatum(e->id);
+				r_status[nr] = Int32GetDatum((int32) o->http_status);
+				r_statusn[nr] = (o->http_status == 0);
+				r_reason[nr] = text_or_null(o->reason, &r_reasonn[nr]);
+				r_unknown[nr] = BoolGetDatum(o->outcome_unknown);
+				nr++;
+				break;
+			case VERDICT_RELEASE:
+				l_id[nl] = Int64GetDatum(e->id);
+				nl++;
+				break;
+		}
+	}
+
+	/* losing this commit in a crash only causes a replayed resend */
+	(void) set_config_option("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+
+	if (nd > 0)
+	{
+		Datum		args[4];
+
+		if (delivered_plan == NULL)
+		{
+			Oid			types[4] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+
+			delivered_plan = saved_plan(
+										"WITH r AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]))"
+										"             AS r(id, meter_event, delivery, request_id)),"
+										" d AS (DELETE FROM stripe_meter.outbox o USING r WHERE o.id = r.id"
+										"       RETURNING o.identifier, o.event_name, o.payload, o.ts, o.stripe_account,"
+										"                 o.customer, o.enqueued_at, o.first_attempt_at, o.attempts,"
+										"                 r.meter_event, r.delivery, r.request_id)"
+										" INSERT INTO stripe_meter.meter_events"
+										"  (identifier, event_name, payload, ts, stripe_account, customer, meter_event,"
+										"   outcome, request_id, enqueued_at, first_attempt_at, attempts)"
+										" SELECT identifier, event_name, payload, ts, stripe_account, customer,"
+										"        meter_event::jsonb, delivery, request_id, enqueued_at, first_attempt_at, attempts"
+										"   FROM d"
+										" ON CONFLICT (identifier) DO NOTHING",
+										4, types);
+		}
+		args[0] = PointerGetDatum(int8_array(d_id, nd));
+		args[1] = PointerGetDatum(text_array(d_obj, d_objn, nd));
+		args[2] = PointerGetDatum(text_array(d_how, NULL, nd));
+		args[3] = PointerGetDatum(text_array(d_req, d_reqn, nd));
+		rc = SPI_execute_plan(delivered_plan, args, NULL, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "could not record delivered meter events: %s", SPI_result_code_string(rc));
+	}
+
+	if (nf > 0)
+	{
+		Datum		args[5];
+
+		if (failed_plan == NULL)
+		{
+			Oid			types[5] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+
+			failed_plan = saved_plan(
+									 "WITH r AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::int[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::text[]))"
+									 "             AS r(id, reason, http_status, stripe_error, request_id)),"
+									 " d AS (DELETE FROM stripe_meter.outbox o USING r WHERE o.id = r.id"
+									 "       RETURNING o.identifier, o.event_name, o.payload, o.ts, o.stripe_account,"
+									 "                 o.customer, o.enqueued_at, o.first_attempt_at, o.attempts,"
+									 "                 r.reason, r.http_status, r.stripe_error, r.request_id)"
+									 " INSERT INTO stripe_meter.failed_events"
+									 "  (identifier, event_name, payload, ts, stripe_account, customer, reason,"
+									 "   http_status, stripe_error, request_id, enqueued_at, first_attempt_at, attempts)"
+									 " SELECT identifier, event_name, payload, ts, stripe_account, customer, reason,"
+									 "        http_status, stripe_error::jsonb, request_id, enqueued_at, first_attempt_at, attempts"
+									 "   FROM d"
+									 " ON CONFLICT (identifier) DO NOTHING",
+									 5, types);
+		}
+		args[0] = PointerGetDatum(int8_array(f_id, nf));
+		args[1] = PointerGetDatum(text_array(f_reason, NULL, nf));
+		args[2] = PointerGetDatum(simple_array(f_status, f_statusn, nf, INT4OID, 4, true, TYPALIGN_INT));
+		args[3] = PointerGetDatum(text_array(f_err, f_errn, nf));
+		args[4] = PointerGetDatum(text_array(f_req, f_reqn, nf));
+		rc = SPI_execute_plan(failed_plan, args, NULL, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "could not record failed meter events: %s", SPI_result_code_string(rc));
+	}
+
+	if (nr > 0)
+	{
+		Datum		args[5];
+
+		if (retry_plan == NULL)
+		{
+			Oid			types[5] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, TEXTARRAYOID, BOOLARRAYOID};
+
+			retry_plan = saved_plan(
+									"UPDATE stripe_meter.outbox o"
+									"   SET in_flight_since = NULL,"
+									"       next_attempt_at = r.next_at,"
+									"       last_http_status = r.http_status,"
+									"       last_error = r.reason,"
+									"       unknown_outcome_since = CASE WHEN r.unknown"
+									"         THEN COALESCE(o.unknown_outcome_since, o.in_flight_since)"
+									"         ELSE o.unknown_outcome_since END"
+									"  FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::timestamptz[]), pg_catalog.unnest($3::int[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::bool[]))"
+									"       AS r(id, next_at, http_status, reason, unknown)"
+									" WHERE o.id = r.id",
+									5, types);
+		}
+		args[0] = PointerGetDatum(int8_array(r_id, nr));
+		args[1] = PointerGetDatum(simple_array(r_next, NULL, nr, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+		args[2] = PointerGetDatum(simple_array(r_status, r_statusn, nr, INT4OID, 4, true, TYPALIGN_INT));
+		args[3] = PointerGetDatum(text_array(r_reason, r_reasonn, nr));
+		args[4] = PointerGetDatum(simple_array(r_unknown, NULL, nr, BOOLOID, 1, true, TYPALIGN_CHAR));
+		rc = SPI_execute_plan(retry_plan, args, NULL, false, 0);
+		if (rc != SPI_OK_UPDATE)
+			elog(ERROR, "could not reschedule meter events: %s", SPI_result_code_string(rc));
+	}
+
+	if (nl > 0)
+	{
+		Datum		args[1];
+
+		if (release_plan == NULL)
+		{
+			Oid			types[1] = {INT8ARRAYOID};
+
+			/* never sent: undo the claim's attempt count */
+			release_plan = saved_plan(
+									  "UPDATE stripe_meter.outbox o"
+									  "   SET in_flight_since = NULL,"
+									  "       attempts = o.attempts - 1,"
+									  "       first_attempt_at = CASE WHEN o.attempts = 1 THEN NULL"
+									  "                          ELSE o.first_attempt_at END"
+									  "  FROM ROWS FROM (pg_catalog.unnest($1::bigint[])) AS r(id)"
+									  " WHERE o.id = r.id",
+									  1, types);
+		}
+		args[0] = PointerGetDatum(int8_array(l_id, nl));
+		rc = SPI_execute_plan(release_plan, args, NULL, false, 0);
+		if (rc != SPI_OK_UPDATE)
+			elog(ERROR, "could not release meter events: %s", SPI_result_code_string(rc));
+	}
+	return earliest;
+}
+
+/*
+ * DeliveryStorePurgeDelivered
+ *		Delete delivered rows older than stripe_meter.delivered_retention, a
+ *		bounded number at a time.  Returns how many.
+ */
+int64
+DeliveryStorePurgeDelivered(void)
+{
+	char	   *sql;
+	int			rc;
+
+	if (stripe_meter_delivered_retention < 0)
+		return 0;
+	sql = psprintf("DELETE FROM stripe_meter.meter_events WHERE ctid = ANY (ARRAY("
+				   " SELECT ctid FROM stripe_meter.meter_events"
+				   "  WHERE delivered_at < pg_catalog.now() - interval '%d minutes'"
+				   "  LIMIT 10000))", stripe_meter_delivered_retention);
+	rc = SPI_execute(sql, false, 0);
+	if (rc != SPI_OK_DELETE)
+		elog(ERROR, "could not purge delivered meter events: %s", SPI_result_code_string(rc));
+	return (int64) SPI_processed;
+}
+
+/*
+ * DeliveryBackoffMs
+ *		Capped exponential backoff with jitter, as Stripe's SDKs do it:
+ *		min_delay doubling per attempt up to max_delay, then a random half
+ *		to whole of that, never below min_delay.
+ */
+int
+DeliveryBackoffMs(int attempts)
+{
+	double		delay = stripe_meter_retry_min_delay;
+	int			i;
+
+	for (i = 1; i < attempts && delay < stripe_meter_retry_max_delay; i++)
+		delay *= 2;
+	if (delay > stripe_meter_retry_max_delay)
+		delay = stripe_meter_retry_max_delay;
+	delay *= 0.5 * (1.0 + pg_prng_double(&pg_global_prng_state));
+	if (delay < stripe_meter_retry_min_delay)
+		delay = stripe_meter_retry_min_delay;
+	return (int) delay;
+}

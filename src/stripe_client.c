@@ -1,0 +1,550 @@
+/*-------------------------------------------------------------------------
+ *
+ * stripe_client.c
+ *	  libcurl, and nothing else: many requests in flight on one multi
+ *	  handle, connections reused, and one wait that covers curl's sockets
+ *	  and the worker's latch together (PostgreSQL's WaitEventSet).
+ *
+ * Each request carries bearer authentication, the pinned Stripe-Version,
+ * the event's Idempotency-Key, a User-Agent naming stripe_meter, and
+ * Stripe-Account when the event has one.  TLS verification is always on;
+ * plain http is accepted only for loopback URLs (checked when the setting
+ * is loaded).  Response bodies are capped, so a hostile or broken server
+ * cannot make the worker's memory grow, and every request has a total
+ * timeout, so a server that never answers, or trickles, cannot hold a
+ * request forever.
+ *
+ * Nothing here raises an ERROR for network trouble: every request ends in
+ * exactly one call of the done callback with what happened.  The curl
+ * callbacks never ereport either, since a longjmp through libcurl would
+ * leave it inconsistent.
+ *
+ * Copyright (c) 2026, stripe_meter developers
+ *
+ * IDENTIFICATION
+ *	  src/stripe_client.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/fd.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "stripe_meter.h"
+
+/* Stripe's bodies are a few hundred bytes; anything past this is refused */
+#define MAX_RESPONSE_BYTES	(256 * 1024)
+#define MAX_WAIT_EVENTS		64
+
+typedef struct StripeRequest
+{
+	CURL	   *easy;
+	struct curl_slist *headers;
+	void	   *owner;
+	StringInfoData response;
+	bool		truncated;
+	char		should_retry;
+	bool		replayed;
+	char		request_id[64];
+	char		errbuf[CURL_ERROR_SIZE];
+	struct StripeRequest *next_free;
+} StripeRequest;
+
+typedef struct SocketEntry
+{
+	curl_socket_t fd;			/* hash key */
+	uint32		events;			/* WL_SOCKET_* curl wants */
+	int			pos;			/* position in the wait set, -1 if none */
+} SocketEntry;
+
+static MemoryContext client_cxt = NULL;
+static CURLM *multi = NULL;
+static HTAB *sockets = NULL;
+static WaitEventSet *wait_set = NULL;
+static bool wait_set_dirty = true;
+static TimestampTz curl_deadline = 0;	/* 0: no timer */
+static int	in_flight = 0;
+static StripeRequest *free_requests = NULL;
+static char *user_agent = NULL;
+
+static void
+client_exit(int code, Datum arg)
+{
+	if (multi != NULL)
+		curl_multi_cleanup(multi);
+	multi = NULL;
+	curl_global_cleanup();
+}
+
+/*
+ * curl's sockets count against the process's file descriptors like any
+ * other, so they are reserved through fd.c: PostgreSQL then keeps its own
+ * cache of open files smaller instead of running out.
+ */
+static curl_socket_t
+open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *address)
+{
+	curl_socket_t s;
+
+	if (!AcquireExternalFD())
+	{
+		errno = EMFILE;
+		return CURL_SOCKET_BAD;
+	}
+	s = socket(address->family, address->socktype, address->protocol);
+	if (s == CURL_SOCKET_BAD)
+		ReleaseExternalFD();
+	return s;
+}
+
+static int
+close_socket(void *clientp, curl_socket_t s)
+{
+	int			rc = close(s);
+
+	ReleaseExternalFD();
+	return rc;
+}
+
+static int
+socket_callback(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+	SocketEntry *entry;
+	bool		found;
+	uint32		events = 0;
+
+	if (what == CURL_POLL_REMOVE)
+	{
+		hash_search(sockets, &s, HASH_REMOVE, NULL);
+		wait_set_dirty = true;
+		return 0;
+	}
+	if (what & CURL_POLL_IN)
+		events |= WL_SOCKET_READABLE;
+	if (what & CURL_POLL_OUT)
+		events |= WL_SOCKET_WRITEABLE;
+
+	entry = hash_search(sockets, &s, HASH_ENTER, &found);
+	if (!found)
+		entry->pos = -1;
+	if (found && entry->events == events)
+		return 0;
+	entry->events = events;
+	if (!wait_set_dirty && entry->pos >= 0 && events != 0)
+		ModifyWaitEvent(wait_set, entry->pos, events, NULL);
+	else
+		wait_set_dirty = true;
+	return 0;
+}
+
+static int
+timer_callback(CURLM *m, long timeout_ms, void *userp)
+{
+	if (timeout_ms < 0)
+		curl_deadline = 0;
+	else
+		curl_deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
+	return 0;
+}
+
+static size_t
+write_callback(char *data, size_t size, size_t nmemb, void *userp)
+{
+	StripeRequest *req = userp;
+	size_t		n = size * nmemb;
+
+	if (req->response.len + n > MAX_RESPONSE_BYTES)
+	{
+		req->truncated = true;
+		return 0;				/* aborts the transfer */
+	}
+	appendBinaryStringInfoNT(&req->response, data, n);
+	return n;
+}
+
+/* copy a header's value, trimmed, if the line is that header */
+static bool
+header_value(const char *line, size_t len, const char *name, char *out, size_t outlen)
+{
+	size_t		nlen = strlen(name);
+	size_t		i;
+	size_t		j = 0;
+
+	if (len <= nlen || pg_strncasecmp(line, name, nlen) != 0 || line[nlen] != ':')
+		return false;
+	for (i = nlen + 1; i < len && (line[i] == ' ' || line[i] == '\t'); i++)
+		;
+	for (; i < len && line[i] != '\r' && line[i] != '\n' && j + 1 < outlen; i++)
+		out[j++] = line[i];
+	out[j] = '\0';
+	return true;
+}
+
+static size_t
+header_callback(char *line, size_t size, size_t nmemb, void *userp)
+{
+	StripeRequest *req = userp;
+	size_t		len = size * nmemb;
+	char		value[16];
+
+	if (header_value(line, len, "request-id", req->request_id, sizeof(req->request_id)))
+		return len;
+	if (header_value(line, len, "stripe-should-retry", value, sizeof(value)))
+		req->should_retry = pg_strcasecmp(value, "true") == 0 ? 't' : 'f';
+	else if (header_value(line, len, "idempotent-replayed", value, sizeof(value)))
+		req->replayed = pg_strcasecmp(value, "true") == 0;
+	return len;
+}
+
+/*
+ * StripeClientInit
+ *		Set up libcurl for this process.  Call once, in the worker.
+ */
+void
+StripeClientInit(void)
+{
+	HASHCTL		ctl;
+	curl_version_info_data *v;
+
+	if (curl_global_init(CURL_GLOBAL_ALL) != CURLE_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not initialize libcurl")));
+	on_proc_exit(client_exit, (Datum) 0);
+
+	client_cxt = AllocSetContextCreate(TopMemoryContext,
+									   "stripe_meter HTTP client",
+									   ALLOCSET_DEFAULT_SIZES);
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(curl_socket_t);
+	ctl.entrysize = sizeof(SocketEntry);
+	ctl.hcxt = client_cxt;
+	sockets = hash_create("stripe_meter curl sockets", 256, &ctl,
+						  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	multi = curl_multi_init();
+	if (multi == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not create the HTTP client")));
+	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_callback);
+	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_callback);
+
+	v = curl_version_info(CURLVERSION_NOW);
+	user_agent = MemoryContextStrdup(client_cxt,
+									 psprintf("stripe_meter/%s (PostgreSQL %s) libcurl/%s",
+											  STRIPE_METER_VERSION, PG_VERSION,
+											  v ? v->version : "unknown"));
+}
+
+/*
+ * StripeClientAppendEscaped
+ *		Percent-encode with libcurl: everything but RFC 3986's unreserved
+ *		characters, which is valid form encoding.
+ */
+void
+StripeClientAppendEscaped(StringInfo buf, const char *s, int len)
+{
+	char	   *escaped = curl_easy_escape(NULL, s, len);
+
+	if (escaped == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	appendStringInfoString(buf, escaped);
+	curl_free(escaped);
+}
+
+static StripeRequest *
+take_request(void)
+{
+	StripeRequest *req = free_requests;
+
+	if (req != NULL)
+	{
+		free_requests = req->next_free;
+		curl_easy_reset(req->easy);
+		resetStringInfo(&req->response);
+	}
+	else
+	{
+		MemoryContext old = MemoryContextSwitchTo(client_cxt);
+
+		req = palloc0(sizeof(StripeRequest));
+		initStringInfo(&req->response);
+		req->easy = curl_easy_init();
+		MemoryContextSwitchTo(old);
+		if (req->easy == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("could not create an HTTP request")));
+	}
+	req->headers = NULL;
+	req->owner = NULL;
+	req->truncated = false;
+	req->should_retry = 0;
+	req->replayed = false;
+	req->request_id[0] = '\0';
+	req->errbuf[0] = '\0';
+	req->next_free = NULL;
+	return req;
+}
+
+static void
+give_back_request(StripeRequest *req)
+{
+	if (req->headers)
+		curl_slist_free_all(req->headers);	/* holds the key: free at once */
+	req->headers = NULL;
+	/* keep memory flat: do not keep an unusually large buffer around */
+	if (req->response.maxlen > 64 * 1024)
+	{
+		pfree(req->response.data);
+		req->response.data = MemoryContextAlloc(client_cxt, 1024);
+		req->response.maxlen = 1024;
+	}
+	resetStringInfo(&req->response);
+	req->next_free = free_requests;
+	free_requests = req;
+}
+
+static struct curl_slist *
+add_header(struct curl_slist *list, const char *fmt, const char *value)
+{
+	char		line[512];
+	struct curl_slist *added;
+
+	snprintf(line, sizeof(line), fmt, value);
+	added = curl_slist_append(list, line);
+	explicit_bzero(line, sizeof(line));
+	if (added == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	return added;
+}
+
+/*
+ * StripeClientStart
+ *		Put one POST in flight.  body must stay valid until the done
+ *		callback for owner has run.  Returns false if curl refused it (the
+ *		done callback is then not called).
+ */
+bool
+StripeClientStart(void *owner, const char *path, const char *body,
+				  const char *idempotency_key, const char *stripe_account)
+{
+	StripeRequest *req = take_request();
+	CURL	   *e = req->easy;
+	char	   *url = psprintf("%s%s", stripe_meter_api_url, path);
+
+	req->owner = owner;
+	req->headers = add_header(NULL, "Authorization: Bearer %s", stripe_meter_api_key);
+	req->headers = add_header(req->headers, "Stripe-Version: %s", stripe_meter_stripe_version);
+	req->headers = add_header(req->headers, "Idempotency-Key: %s", idempotency_key);
+	if (stripe_account != NULL)
+		req->headers = add_header(req->headers, "Stripe-Account: %s", stripe_account);
+	req->headers = add_header(req->headers, "Accept: %s", "application/json");
+	req->headers = add_header(req->headers, "Content-Type: %s",
+							  "application/x-www-form-urlencoded");
+	req->headers = add_header(req->headers, "Expect:%s", "");
+
+	curl_easy_setopt(e, CURLOPT_URL, url);
+#if LIBCURL_VERSION_NUM >= 0x075500
+	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "https,http");
+	curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "https");
+#else
+	curl_easy_setopt(e, CURLOPT_PROTOCOLS, CURLPROTO_HTTPS | CURLPROTO_HTTP);
+#endif
+	curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
+	curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
+	if (stripe_meter_ca_file != NULL && stripe_meter_ca_file[0] != '\0')
+		curl_easy_setopt(e, CURLOPT_CAINFO, stripe_meter_ca_file);
+	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long) stripe_meter_connect_timeout);
+	curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long) stripe_meter_request_timeout);
+	curl_easy_setopt(e, CURLOPT_POST, 1L);
+	curl_easy_setopt(e, CURLOPT_POSTFIELDS, body);
+	curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, (long) strlen(body));
+	curl_easy_setopt(e, CURLOPT_HTTPHEADER, req->headers);
+	curl_easy_setopt(e, CURLOPT_USERAGENT, user_agent);
+	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_callback);
+	curl_easy_setopt(e, CURLOPT_WRITEDATA, req);
+	curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_callback);
+	curl_easy_setopt(e, CURLOPT_HEADERDATA, req);
+	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, req->errbuf);
+	curl_easy_setopt(e, CURLOPT_PRIVATE, req);
+	curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
+	curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
+	curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+	pfree(url);
+
+	if (curl_multi_add_handle(multi, e) != CURLM_OK)
+	{
+		give_back_request(req);
+		return false;
+	}
+	in_flight++;
+	return true;
+}
+
+int
+StripeClientInFlight(void)
+{
+	return in_flight;
+}
+
+static void
+rebuild_wait_set(void)
+{
+	HASH_SEQ_STATUS seq;
+	SocketEntry *entry;
+	long		nsockets = hash_get_num_entries(sockets);
+
+	if (wait_set != NULL)
+		FreeWaitEventSet(wait_set);
+	wait_set = CreateWaitEventSet(client_cxt, (int) nsockets + 2);
+	AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+
+	hash_seq_init(&seq, sockets);
+	while ((entry = hash_seq_search(&seq)) != NULL)
+	{
+		if (entry->events == 0)
+			entry->pos = -1;
+		else
+			entry->pos = AddWaitEventToSet(wait_set, entry->events, entry->fd,
+										   NULL, NULL);
+	}
+	wait_set_dirty = false;
+}
+
+/* hand every finished transfer to the done callback */
+static void
+drain_finished(StripeDoneCallback done)
+{
+	CURLMsg    *msg;
+	int			left;
+
+	while ((msg = curl_multi_info_read(multi, &left)) != NULL)
+	{
+		StripeRequest *req;
+		HttpResult	http;
+		long		request_size = 0;
+
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &req);
+
+		memset(&http, 0, sizeof(http));
+		http.curl_code = msg->data.result;
+		curl_easy_getinfo(req->easy, CURLINFO_RESPONSE_CODE, &http.status);
+		curl_easy_getinfo(req->easy, CURLINFO_REQUEST_SIZE, &request_size);
+		http.connected = request_size > 0;
+		if (req->truncated)
+			http.curl_error = "the response was larger than 256 kB";
+		else if (http.curl_code != CURLE_OK)
+			http.curl_error = req->errbuf[0] ? req->errbuf :
+				curl_easy_strerror(msg->data.result);
+		http.body = req->response.data;
+		http.body_len = req->response.len;
+		http.body_truncated = req->truncated;
+		http.request_id = req->request_id[0] ? req->request_id : NULL;
+		http.should_retry = req->should_retry;
+		http.replayed = req->replayed;
+
+		curl_multi_remove_handle(multi, req->easy);
+		in_flight--;
+		done(req->owner, &http);
+		give_back_request(req);
+	}
+}
+
+/*
+ * StripeClientWait
+ *		Wait up to timeout_ms (-1: no limit) for the latch or curl's sockets,
+ *		drive curl, and hand finished requests to done.
+ *
+ * Returns true if the latch was set (and resets it); the caller then runs
+ * CHECK_FOR_INTERRUPTS and looks for new work.  Exits the process if the
+ * postmaster dies.
+ */
+bool
+StripeClientWait(long timeout_ms, StripeDoneCallback done)
+{
+	WaitEvent	events[MAX_WAIT_EVENTS];
+	int			n;
+	int			i;
+	int			running;
+	bool		latch_set = false;
+
+	if (wait_set == NULL || wait_set_dirty)
+		rebuild_wait_set();
+
+	if (curl_deadline != 0)
+	{
+		long		secs;
+		int			usecs;
+		long		curl_ms;
+
+		TimestampDifference(GetCurrentTimestamp(), curl_deadline, &secs, &usecs);
+		curl_ms = secs * 1000 + (usecs + 999) / 1000;
+		if (timeout_ms < 0 || curl_ms < timeout_ms)
+			timeout_ms = curl_ms;
+	}
+
+	n = WaitEventSetWait(wait_set, timeout_ms, events, MAX_WAIT_EVENTS,
+						 PG_WAIT_EXTENSION);
+	for (i = 0; i < n; i++)
+	{
+		if (events[i].events & WL_LATCH_SET)
+		{
+			ResetLatch(MyLatch);
+			latch_set = true;
+		}
+		else if (events[i].events & (WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE))
+		{
+			int			flags = 0;
+
+			if (events[i].events & WL_SOCKET_READABLE)
+				flags |= CURL_CSELECT_IN;
+			if (events[i].events & WL_SOCKET_WRITEABLE)
+				flags |= CURL_CSELECT_OUT;
+			curl_multi_socket_action(multi, events[i].fd, flags, &running);
+		}
+	}
+
+	if (curl_deadline != 0 && GetCurrentTimestamp() >= curl_deadline)
+	{
+		curl_deadline = 0;
+		curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
+	}
+
+	drain_finished(done);
+	return latch_set;
+}
+
+/*
+ * StripeClientSettingsChanged
+ *		Apply settings that size the multi handle, after a reload.
+ */
+void
+StripeClientSettingsChanged(void)
+{
+	if (multi != NULL)
+		curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long) stripe_meter_max_in_flight);
+}

@@ -1,0 +1,764 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The delivery worker of one database: claim -> send -> record, with
+ *	  many requests in flight and a window refilled as each one finishes.
+ *
+ * The delivery guarantee: every event queued is delivered to Stripe, and
+ * none is billed twice.  How:
+ *	- a claim (in flight, attempt counted) commits before its events are
+ *	  sent, and an event leaves the outbox only in the transaction that
+ *	  records Stripe's answer; a crash anywhere leaves it queued;
+ *	- every attempt of an event carries the same identifier and
+ *	  Idempotency-Key, so a resend whose first answer was lost is replayed
+ *	  by Stripe, and one whose key Stripe forgot is refused as a duplicate
+ *	  identifier (recorded as delivered);
+ *	- an event whose first unanswered attempt is older than
+ *	  stripe_meter.resend_window is failed, not resent, because past
+ *	  Stripe's ~24 h windows a resend would be billed again.
+ * Never two requests are in flight for the same (account, event name,
+ * customer): Stripe allows one concurrent call per customer and meter.
+ *
+ * Copyright (c) 2026, stripe_meter developers
+ *
+ * IDENTIFICATION
+ *	  src/worker.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+/* what every background worker needs */
+#include "miscadmin.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lmgr.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+
+/* what this one needs */
+#include "access/xlog.h"
+#include "pgstat.h"
+#include "utils/backend_status.h"
+#include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "stripe_meter.h"
+
+#define METER_EVENTS_PATH	"/v1/billing/meter_events"
+#define RECORD_BATCH		500 /* record after this many finished events */
+#define RECORD_DELAY_MS		20	/* or after this long */
+#define PURGE_INTERVAL_MS	60000
+
+typedef struct EventQueue
+{
+	ClaimedEvent *head;
+	ClaimedEvent *tail;
+	int			n;
+} EventQueue;
+
+/* events blocked behind an in-flight one for the same customer and meter */
+typedef struct BusyKey
+{
+	uint64		key;
+	EventQueue	waiting;
+} BusyKey;
+
+static EventQueue ready;		/* claimed, may be sent */
+static EventQueue finished;		/* outcome known, to be recorded */
+static HTAB *busy_keys;
+static int	held = 0;			/* claimed and not yet recorded */
+static TimestampTz first_finished_at = 0;
+
+static bool claim_exhausted = false;	/* last claim found fewer than asked */
+static TimestampTz next_poll_at = 0;
+static TimestampTz next_purge_at = 0;
+static char pause_reason[WORKER_TEXT_LEN];
+
+/* the sender's rate limiter: a token bucket that backs off on 429 */
+static double limiter_tokens = 0;
+static TimestampTz limiter_refilled_at = 0;
+static double limiter_backoff_rate = 0; /* 0: not backing off */
+static TimestampTz limiter_last_429 = 0;
+static double sent_this_second = 0;
+static double send_rate = 0;
+static TimestampTz rate_second_start = 0;
+
+static void
+queue_push(EventQueue *q, ClaimedEvent *e)
+{
+	e->next = NULL;
+	if (q->tail)
+		q->tail->next = e;
+	else
+		q->head = e;
+	q->tail = e;
+	q->n++;
+}
+
+static void
+queue_push_front(EventQueue *q, ClaimedEvent *e)
+{
+	e->next = q->head;
+	q->head = e;
+	if (q->tail == NULL)
+		q->tail = e;
+	q->n++;
+}
+
+static ClaimedEvent *
+queue_pop(EventQueue *q)
+{
+	ClaimedEvent *e = q->head;
+
+	if (e)
+	{
+		q->head = e->next;
+		if (q->head == NULL)
+			q->tail = NULL;
+		e->next = NULL;
+		q->n--;
+	}
+	return e;
+}
+
+static void
+finish_event(ClaimedEvent *e)
+{
+	if (finished.n == 0)
+		first_finished_at = GetCurrentTimestamp();
+	queue_push(&finished, e);
+}
+
+/*
+ * The configured limit, lowered while Stripe answers 429.  Returns calls
+ * per second, or 0 for no limit.
+ */
+static double
+current_rate_limit(void)
+{
+	double		limit = StripeMeterEffectiveRateLimit();
+
+	if (limiter_backoff_rate > 0 && (limit == 0 || limiter_backoff_rate < limit))
+		return limiter_backoff_rate;
+	return limit;
+}
+
+/*
+ * Take one token; if none is left, say in *wait_ms when the next one comes.
+ * The bucket holds a twentieth of a second's worth, so a burst stays small.
+ */
+static bool
+limiter_take(TimestampTz now, long *wait_ms)
+{
+	double		rate = current_rate_limit();
+	double		burst;
+
+	if (rate <= 0)
+		return true;
+	burst = Max(1.0, rate / 20.0);
+	if (limiter_refilled_at != 0)
+	{
+		limiter_tokens += rate * (double) (now - limiter_refilled_at) / USECS_PER_SEC;
+		if (limiter_tokens > burst)
+			limiter_tokens = burst;
+	}
+	else
+		limiter_tokens = burst;
+	limiter_refilled_at = now;
+	if (limiter_tokens >= 1.0)
+	{
+		limiter_tokens -= 1.0;
+		return true;
+	}
+	*wait_ms = (long) ((1.0 - limiter_tokens) / rate * 1000.0) + 1;
+	return false;
+}
+
+/* 429: halve the rate (once per short period), from what was being sent */
+static void
+limiter_on_429(TimestampTz now)
+{
+	double		base;
+
+	if (limiter_last_429 != 0 &&
+		!TimestampDifferenceExceeds(limiter_last_429, now, 200))
+		return;
+	base = limiter_backoff_rate > 0 ? limiter_backoff_rate : Max(send_rate, 2.0);
+	limiter_backoff_rate = Max(1.0, base / 2.0);
+	limiter_last_429 = now;
+}
+
+/* each second without a 429 the rate grows back by a fifth */
+static void
+limiter_tick(TimestampTz now)
+{
+	if (rate_second_start == 0)
+		rate_second_start = now;
+	if (!TimestampDifferenceExceeds(rate_second_start, now, 1000))
+		return;
+	send_rate = sent_this_second * USECS_PER_SEC / (double) (now - rate_second_start);
+	sent_this_second = 0;
+	rate_second_start = now;
+
+	if (limiter_backoff_rate > 0 &&
+		TimestampDifferenceExceeds(limiter_last_429, now, 1000))
+	{
+		double		limit = StripeMeterEffectiveRateLimit();
+
+		limiter_backoff_rate *= 1.2;
+		if ((limit > 0 && limiter_backoff_rate >= limit) ||
+			(limit == 0 && limiter_backoff_rate > 2 * Max(send_rate, 100.0)))
+			limiter_backoff_rate = 0;
+	}
+}
+
+/*
+ * Why delivery cannot run with the current settings, or NULL.  Never
+ * quotes the key.
+ */
+static const char *
+settings_problem(void)
+{
+	const char *key = stripe_meter_api_key;
+	const char *p;
+
+	if (!stripe_meter_enabled)
+		return "delivery is turned off (stripe_meter.enabled)";
+	if (key == NULL || key[0] == '\0')
+		return "stripe_meter.api_key is not set";
+	if (!(strncmp(key, "sk_", 3) == 0 || strncmp(key, "rk_", 3) == 0))
+		return "stripe_meter.api_key is not a Stripe secret or restricted key (sk_... or rk_...)";
+	for (p = key; *p; p++)
+		if (*p <= 0x20 || *p >= 0x7f)
+			return "stripe_meter.api_key contains spaces or control characters";
+	return NULL;
+}
+
+static void
+set_paused(const char *reason)
+{
+	if (reason == NULL)
+	{
+		if (pause_reason[0] != '\0')
+			ereport(LOG, (errmsg("stripe_meter worker resumed delivery")));
+		pause_reason[0] = '\0';
+		StripeMeterSetPaused(MyDatabaseId, NULL);
+		return;
+	}
+	if (strcmp(pause_reason, reason) != 0)
+	{
+		strlcpy(pause_reason, reason, sizeof(pause_reason));
+		ereport(LOG,
+				(errmsg("stripe_meter worker paused delivery: %s", reason),
+				 errhint("Events stay queued.  Delivery resumes after the configuration is fixed and reloaded.")));
+		StripeMeterSetPaused(MyDatabaseId, reason);
+	}
+}
+
+/* the in-flight event for this key finished: let the next one go */
+static void
+release_busy_key(uint64 key)
+{
+	BusyKey    *bk = hash_search(busy_keys, &key, HASH_FIND, NULL);
+	ClaimedEvent *next;
+
+	if (bk == NULL)
+		return;
+	next = queue_pop(&bk->waiting);
+	if (next != NULL)
+	{
+		/* it keeps the key busy: it goes out next */
+		queue_push_front(&ready, next);
+		if (bk->waiting.n == 0)
+			hash_search(busy_keys, &key, HASH_REMOVE, NULL);
+		else
+			return;
+	}
+	else
+		hash_search(busy_keys, &key, HASH_REMOVE, NULL);
+}
+
+/*
+ * stripe_client.c calls this once per finished request, in the worker's
+ * loop (never inside a transaction).
+ */
+static void
+request_done(void *owner, const HttpResult *http)
+{
+	ClaimedEvent *e = owner;
+	MemoryContext old = MemoryContextSwitchTo(e->batch->cxt);
+	TimestampTz now = GetCurrentTimestamp();
+
+	DeliveryClassify(http, e->identifier, &e->outcome);
+	MemoryContextSwitchTo(old);
+
+	if (e->outcome.rate_limited)
+		limiter_on_429(now);
+	if (e->outcome.verdict == VERDICT_PAUSE)
+		set_paused(e->outcome.reason);
+	if (e->outcome.verdict == VERDICT_FAIL || e->outcome.verdict == VERDICT_RETRY)
+	{
+		StripeMeterSetLastError(MyDatabaseId, e->outcome.reason);
+		ereport(DEBUG1,
+				(errmsg_internal("stripe_meter event \"%s\": %s", e->identifier,
+								 e->outcome.reason)));
+	}
+
+	/*
+	 * A retry of an event whose earlier answer was lost must stay inside
+	 * Stripe's idempotency window; past it, fail it instead.
+	 */
+	if (e->outcome.verdict == VERDICT_RETRY)
+	{
+		TimestampTz since = e->unknown_outcome_since;
+
+		if (since == 0 && e->outcome.outcome_unknown)
+			since = now;		/* conservatively: from this attempt */
+		if (since != 0 &&
+			TimestampDifferenceExceeds(since, now, stripe_meter_resend_window * 1000))
+		{
+			MemoryContext o2 = MemoryContextSwitchTo(e->batch->cxt);
+
+			e->outcome.verdict = VERDICT_FAIL;
+			e->outcome.reason = psprintf("not resent: an attempt whose outcome is unknown was made more than %d seconds ago, and a resend could be billed twice (last error: %s)",
+										 stripe_meter_resend_window, e->outcome.reason);
+			MemoryContextSwitchTo(o2);
+		}
+	}
+
+	release_busy_key(e->busy_key);
+	finish_event(e);
+}
+
+/*
+ * Before sending: an event that can no longer be sent safely is failed
+ * here, with the reason, and never goes on the wire.
+ */
+static bool
+fail_if_unsendable(ClaimedEvent *e, TimestampTz now)
+{
+	const char *reason = NULL;
+
+	if (e->ts < now - (TimestampTz) STRIPE_TS_PAST_LIMIT_SECS * USECS_PER_SEC)
+		reason = "not sent: its timestamp is more than 35 days old, outside the window Stripe accepts";
+	else if (e->unknown_outcome_since != 0 &&
+			 TimestampDifferenceExceeds(e->unknown_outcome_since, now,
+										stripe_meter_resend_window * 1000))
+		reason = "not resent: an attempt whose outcome is unknown was made longer ago than stripe_meter.resend_window, and a resend could be billed twice";
+	if (reason == NULL)
+		return false;
+
+	e->outcome.verdict = VERDICT_FAIL;
+	e->outcome.reason = (char *) reason;
+	finish_event(e);
+	return true;
+}
+
+/* send from the ready queue while the window, the limiter and keys allow */
+static long
+start_requests(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	long		wait_ms = -1;
+
+	while (ready.n > 0 && pause_reason[0] == '\0' &&
+		   StripeClientInFlight() < stripe_meter_max_in_flight)
+	{
+		ClaimedEvent *e = ready.head;
+		BusyKey    *bk;
+		bool		found;
+
+		if (fail_if_unsendable(queue_pop(&ready), now))
+			continue;
+
+		bk = hash_search(busy_keys, &e->busy_key, HASH_ENTER, &found);
+		if (found)
+		{
+			queue_push(&bk->waiting, e);
+			continue;
+		}
+		memset(&bk->waiting, 0, sizeof(EventQueue));
+
+		if (!limiter_take(now, &wait_ms))
+		{
+			hash_search(busy_keys, &e->busy_key, HASH_REMOVE, NULL);
+			queue_push_front(&ready, e);
+			break;
+		}
+
+		e->sent = true;
+		sent_this_second++;
+		if (!StripeClientStart(e, METER_EVENTS_PATH, e->body, e->idempotency_key,
+							   e->stripe_account))
+		{
+			e->outcome.verdict = VERDICT_RETRY;
+			e->outcome.reason = "could not start the HTTP request";
+			release_busy_key(e->busy_key);
+			finish_event(e);
+		}
+	}
+	return wait_ms;
+}
+
+/* while paused, claimed events that were never sent go back untouched */
+static void
+release_unsent(void)
+{
+	ClaimedEvent *e;
+	HASH_SEQ_STATUS seq;
+	BusyKey    *bk;
+
+	while ((e = queue_pop(&ready)) != NULL)
+	{
+		e->outcome.verdict = VERDICT_RELEASE;
+		finish_event(e);
+	}
+	hash_seq_init(&seq, busy_keys);
+	while ((bk = hash_seq_search(&seq)) != NULL)
+		while ((e = queue_pop(&bk->waiting)) != NULL)
+		{
+			e->outcome.verdict = VERDICT_RELEASE;
+			finish_event(e);
+		}
+}
+
+static void
+record_finished(void)
+{
+	ClaimedEvent *list = finished.head;
+	ClaimedEvent *e;
+	ClaimedEvent *next;
+	TimestampTz earliest_retry;
+
+	if (finished.n == 0)
+		return;
+	if (!DeliveryStoreBegin())
+	{
+		ereport(LOG,
+				(errmsg("stripe_meter worker is stopping: the extension was dropped from this database")));
+		proc_exit(0);
+	}
+	earliest_retry = DeliveryStoreRecord(list);
+	DeliveryStoreCommit();
+
+	/* look again when the first rescheduled event is due */
+	if (earliest_retry != 0 && (next_poll_at == 0 || earliest_retry < next_poll_at ||
+								!claim_exhausted))
+		next_poll_at = earliest_retry;
+
+	for (e = list; e; e = next)
+	{
+		ClaimBatch *batch = e->batch;
+
+		next = e->next;
+		held--;
+		if (--batch->live == 0)
+		{
+			MemoryContextDelete(batch->cxt);
+			pfree(batch);
+		}
+	}
+	finished.head = finished.tail = NULL;
+	finished.n = 0;
+	first_finished_at = 0;
+}
+
+static void
+claim_more(MemoryContext parent)
+{
+	int			room = stripe_meter_max_in_flight * 2 - held;
+	int			want = Min(room, stripe_meter_claim_batch_size);
+	ClaimBatch *batch;
+	ClaimedEvent *head = NULL;
+	ClaimedEvent *tail = NULL;
+	ClaimedEvent *e;
+	int			got;
+
+	if (want <= 0)
+		return;
+	batch = MemoryContextAlloc(parent, sizeof(ClaimBatch));
+	batch->cxt = GenerationContextCreate(parent, "stripe_meter claimed events",
+										 ALLOCSET_DEFAULT_SIZES);
+	batch->live = 0;
+
+	if (!DeliveryStoreBegin())
+	{
+		ereport(LOG,
+				(errmsg("stripe_meter worker is stopping: the extension was dropped from this database")));
+		proc_exit(0);
+	}
+	got = DeliveryStoreClaim(want, batch, &head, &tail);
+	DeliveryStoreCommit();
+
+	claim_exhausted = (got < want);
+	held += got;
+	while ((e = head) != NULL)
+	{
+		head = e->next;
+		queue_push(&ready, e);
+	}
+	if (got == 0)
+	{
+		MemoryContextDelete(batch->cxt);
+		pfree(batch);
+	}
+}
+
+static void
+purge_if_due(TimestampTz now)
+{
+	if (now < next_purge_at)
+		return;
+	next_purge_at = TimestampTzPlusMilliseconds(now, PURGE_INTERVAL_MS);
+	if (!DeliveryStoreBegin())
+		proc_exit(0);
+	(void) DeliveryStorePurgeDelivered();
+	DeliveryStoreCommit();
+}
+
+/* the slot goes back to the launcher when this process exits */
+static void
+worker_exit(int code, Datum arg)
+{
+	DatabaseSlot *slot;
+	bool		wake_launcher = false;
+	Latch	   *launcher_latch = NULL;
+
+	if (StripeMeterShmem == NULL)
+		return;
+	LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
+	slot = StripeMeterFindSlot(MyDatabaseId);
+	if (slot != NULL && slot->pid == MyProcPid)
+	{
+		slot->latch = NULL;
+		slot->pid = 0;
+		if (DatumGetBool(arg))
+			slot->state = slot->probe_requested ? SLOT_REQUESTED : SLOT_FREE;
+		else
+		{
+			slot->state = SLOT_STOPPED;
+			slot->stopped_at = GetCurrentTimestamp();
+		}
+		wake_launcher = true;
+		launcher_latch = StripeMeterShmem->launcher_latch;
+	}
+	LWLockRelease(StripeMeterShmem->lock);
+	if (wake_launcher && launcher_latch)
+		SetLatch(launcher_latch);
+}
+
+static bool extension_absent = false;
+
+static void
+worker_exit_callback(int code, Datum arg)
+{
+	worker_exit(code, BoolGetDatum(extension_absent));
+}
+
+/*
+ * Make this process the database's only worker: claim the slot and a
+ * session-level advisory lock, so two workers never share a database.
+ */
+static bool
+become_the_worker(void)
+{
+	LOCKTAG		tag;
+	DatabaseSlot *slot;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0x53544d57, 0, 2);
+	if (LockAcquire(&tag, ExclusiveLock, true, true) == LOCKACQUIRE_NOT_AVAIL)
+		return false;
+
+	LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
+	slot = StripeMeterFindSlot(MyDatabaseId);
+	if (slot != NULL)
+	{
+		slot->state = SLOT_RUNNING;
+		slot->pid = MyProcPid;
+		slot->latch = MyLatch;
+		slot->started_at = GetCurrentTimestamp();
+		slot->paused[0] = '\0';
+		slot->last_error[0] = '\0';
+	}
+	LWLockRelease(StripeMeterShmem->lock);
+	return slot != NULL;
+}
+
+static void
+report_activity(void)
+{
+	static char shown[128];
+	static TimestampTz shown_at = 0;
+	char		now_text[128];
+	TimestampTz now = GetCurrentTimestamp();
+	int			inf = StripeClientInFlight();
+	bool		idle = (inf == 0 && held == 0) || pause_reason[0] != '\0';
+
+	if (pause_reason[0] != '\0')
+		snprintf(now_text, sizeof(now_text), "paused: %s", pause_reason);
+	else if (idle)
+		strlcpy(now_text, "waiting for meter events", sizeof(now_text));
+	else
+		snprintf(now_text, sizeof(now_text),
+				 "delivering meter events: %d in flight, %d ready", inf, ready.n);
+
+	/* at most once a second while busy, but always when going idle */
+	if (strcmp(now_text, shown) == 0 ||
+		(!idle && !TimestampDifferenceExceeds(shown_at, now, 1000)))
+		return;
+	strlcpy(shown, now_text, sizeof(shown));
+	shown_at = now;
+	pgstat_report_activity(idle ? STATE_IDLE : STATE_RUNNING, shown);
+}
+
+/*
+ * StripeMeterWorkerMain
+ *		Entry point of a database's delivery worker (main_arg: its OID).
+ */
+void
+StripeMeterWorkerMain(Datum main_arg)
+{
+	Oid			dboid = DatumGetObjectId(main_arg);
+	MemoryContext worker_cxt;
+	HASHCTL		ctl;
+	bool		ready_now;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	before_shmem_exit(worker_exit_callback, (Datum) 0);
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	pgstat_report_appname("stripe_meter worker");
+
+	/* every name in our SQL is qualified; leave nothing to a user's schema */
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+
+	worker_cxt = AllocSetContextCreate(TopMemoryContext, "stripe_meter worker",
+									   ALLOCSET_DEFAULT_SIZES);
+	MemoryContextSwitchTo(worker_cxt);
+
+	/* never send from a standby; the launcher starts us after promotion */
+	if (RecoveryInProgress())
+		proc_exit(1);
+
+	if (!DeliveryStoreBegin())
+	{
+		extension_absent = true;
+		proc_exit(0);
+	}
+	DeliveryStoreCommit();
+
+	if (!become_the_worker())
+	{
+		ereport(LOG,
+				(errmsg("stripe_meter worker for database %u exits: another worker serves it",
+						dboid)));
+		extension_absent = true;
+		proc_exit(0);
+	}
+
+	if (!DeliveryStoreBegin())
+	{
+		extension_absent = true;
+		proc_exit(0);
+	}
+	DeliveryStoreRepair();
+	DeliveryStoreCommit();
+
+	StripeClientInit();
+	StripeClientSettingsChanged();
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(uint64);
+	ctl.entrysize = sizeof(BusyKey);
+	ctl.hcxt = worker_cxt;
+	busy_keys = hash_create("stripe_meter busy customers", 1024, &ctl,
+							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	ereport(LOG,
+			(errmsg("stripe_meter worker started delivering to %s", stripe_meter_api_url)));
+	set_paused(settings_problem());
+
+	ready_now = true;
+	for (;;)
+	{
+		TimestampTz now;
+		long		timeout;
+		long		limiter_wait;
+		bool		latch_set;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			StripeClientSettingsChanged();
+			/* a reload is how a key or URL problem gets fixed: try again */
+			pause_reason[0] = '\0';
+			set_paused(settings_problem());
+			StripeMeterSetPaused(MyDatabaseId, pause_reason[0] ? pause_reason : NULL);
+			ready_now = true;
+		}
+
+		now = GetCurrentTimestamp();
+		limiter_tick(now);
+
+		if (pause_reason[0] != '\0')
+			release_unsent();
+		else if (ready_now || !claim_exhausted || now >= next_poll_at)
+		{
+			if (held < stripe_meter_max_in_flight * 2)
+			{
+				claim_more(worker_cxt);
+				ready_now = false;
+				if (claim_exhausted && (next_poll_at <= now))
+					next_poll_at = TimestampTzPlusMilliseconds(now, stripe_meter_naptime);
+			}
+		}
+
+		limiter_wait = start_requests();
+
+		/* record in batches: after enough, after a moment, or when idle */
+		if (finished.n > 0 &&
+			(finished.n >= RECORD_BATCH || StripeClientInFlight() == 0 ||
+			 TimestampDifferenceExceeds(first_finished_at, GetCurrentTimestamp(),
+										RECORD_DELAY_MS)))
+		{
+			record_finished();
+			continue;
+		}
+
+		purge_if_due(now);
+		report_activity();
+
+		/* how long to wait: a record, a token, more to claim, or the poll */
+		if (finished.n > 0)
+			timeout = RECORD_DELAY_MS;
+		else if (ready.n > 0 && pause_reason[0] == '\0' && limiter_wait >= 0 &&
+				 StripeClientInFlight() < stripe_meter_max_in_flight)
+			timeout = limiter_wait;
+		else if (!claim_exhausted && pause_reason[0] == '\0' &&
+				 held < stripe_meter_max_in_flight * 2)
+			timeout = 0;
+		else if (claim_exhausted && pause_reason[0] == '\0')
+		{
+			long		secs;
+			int			usecs;
+
+			TimestampDifference(GetCurrentTimestamp(), next_poll_at, &secs, &usecs);
+			timeout = Min(secs * 1000 + usecs / 1000, (long) stripe_meter_naptime);
+		}
+		else
+			timeout = stripe_meter_naptime;
+
+		latch_set = StripeClientWait(timeout, request_done);
+		if (latch_set)
+			ready_now = true;
+	}
+}
