@@ -65,6 +65,7 @@ typedef struct EventQueue
 typedef struct BusyKey
 {
 	uint64		key;
+	bool		in_flight;		/* a request for this key is out */
 	EventQueue	waiting;
 } BusyKey;
 
@@ -269,17 +270,11 @@ release_busy_key(uint64 key)
 
 	if (bk == NULL)
 		return;
+	bk->in_flight = false;
 	next = queue_pop(&bk->waiting);
 	if (next != NULL)
-	{
-		/* it keeps the key busy: it goes out next */
-		queue_push_front(&ready, next);
-		if (bk->waiting.n == 0)
-			hash_search(busy_keys, &key, HASH_REMOVE, NULL);
-		else
-			return;
-	}
-	else
+		queue_push_front(&ready, next); /* it goes out next */
+	if (bk->waiting.n == 0 && next == NULL)
 		hash_search(busy_keys, &key, HASH_REMOVE, NULL);
 }
 
@@ -377,19 +372,25 @@ start_requests(void)
 			continue;
 
 		bk = hash_search(busy_keys, &e->busy_key, HASH_ENTER, &found);
-		if (found)
+		if (!found)
+		{
+			bk->in_flight = false;
+			memset(&bk->waiting, 0, sizeof(EventQueue));
+		}
+		if (bk->in_flight)
 		{
 			queue_push(&bk->waiting, e);
 			continue;
 		}
-		memset(&bk->waiting, 0, sizeof(EventQueue));
 
 		if (!limiter_take(now, &wait_ms))
 		{
-			hash_search(busy_keys, &e->busy_key, HASH_REMOVE, NULL);
+			if (bk->waiting.n == 0)
+				hash_search(busy_keys, &e->busy_key, HASH_REMOVE, NULL);
 			queue_push_front(&ready, e);
 			break;
 		}
+		bk->in_flight = true;
 
 		e->sent = true;
 		sent_this_second++;
@@ -420,11 +421,15 @@ release_unsent(void)
 	}
 	hash_seq_init(&seq, busy_keys);
 	while ((bk = hash_seq_search(&seq)) != NULL)
+	{
 		while ((e = queue_pop(&bk->waiting)) != NULL)
 		{
 			e->outcome.verdict = VERDICT_RELEASE;
 			finish_event(e);
 		}
+		if (!bk->in_flight)
+			hash_search(busy_keys, &bk->key, HASH_REMOVE, NULL);
+	}
 }
 
 static void
