@@ -62,17 +62,37 @@ function defaultConfig() {
 // Small helpers
 // ---------------------------------------------------------------------------
 
-const B62 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
+const B62 = Buffer.from('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789', 'latin1');
 let randPool = crypto.randomBytes(16384);
 let randPos = 0;
-function randId(n) {
+const idBuf = Buffer.alloc(64);
+// prefix + n random base-62 characters, as a flat string.
+function randId(prefix, n) {
   if (randPos + n > randPool.length) {
     randPool = crypto.randomBytes(16384);
     randPos = 0;
   }
-  let s = '';
-  for (let i = 0; i < n; i++) s += B62[randPool[randPos++] % 62];
-  return s;
+  const off = idBuf.write(prefix, 0, 'latin1');
+  for (let i = 0; i < n; i++) idBuf[off + i] = B62[randPool[randPos++] % 62];
+  return idBuf.toString('latin1', 0, off + n);
+}
+
+// Strings kept for the lifetime of the records are copied so that they do
+// not pin the request body they were sliced from (V8 sliced strings).
+function keepStr(s) {
+  return typeof s === 'string' && s.length > 12 ? JSON.parse(JSON.stringify(s)) : s;
+}
+
+// Interning of low-cardinality strings kept per event (API key, user agent,
+// Stripe-Version, event name, account), bounded.
+const interned = new Map();
+function intern(s) {
+  if (typeof s !== 'string') return s;
+  const v = interned.get(s);
+  if (v !== undefined) return v;
+  const c = keepStr(s);
+  if (interned.size < 100000) interned.set(c, c);
+  return c;
 }
 
 function hyphenate(code) { return code.replace(/_/g, '-'); }
@@ -251,9 +271,12 @@ function newState(cfg) {
   return {
     stats: newStats(),
     events: [],
-    idem: new Map(),        // idempotency scope key -> entry (insertion = creation order)
-    identWindow: new Map(), // account|mode|identifier -> billed_at ms (insertion = billing order)
-    identInfo: new Map(),   // account|mode|identifier -> {n, keys, ok, okMulti}
+    // key account|mode|Stripe-Account -> Map(Idempotency-Key -> IdemEntry),
+    // inner maps in creation order (pruned from the front).
+    idem: new Map(),
+    idemCount: 0,
+    // account|mode -> Map(identifier -> IdentInfo); permanent until reset.
+    idents: new Map(),
     slots: new Set(),       // account|mode|customer|event_name being processed
     rl: new Map(),          // account|mode -> {buf, i}
     scripts: [],
@@ -418,7 +441,7 @@ function onStripeRequest(req, res, path) {
     method: req.method,
     headers: req.headers,
     raw: '',
-    requestId: 'req_' + randId(14),
+    requestId: randId('req_', 14),
     stripeVersion: req.headers['stripe-version'] || cfg.default_stripe_version,
     idemKey: req.headers['idempotency-key'] || undefined,
     t0: Date.now(),
@@ -428,14 +451,14 @@ function onStripeRequest(req, res, path) {
     faultApplied: false,
     closed: false,
     entry: null,
-    timers: null,
+    timer: null,
   };
   res.on('close', () => {
     if (ctx.closed) return;
     ctx.closed = true;
     st.stats.in_flight--;
     if (!res.writableFinished && !ctx.fault) st.stats.client_aborts++;
-    if (ctx.timers) for (const t of ctx.timers) clearTimeout(t);
+    if (ctx.timer) clearTimeout(ctx.timer);
   });
   const chunks = [];
   let size = 0;
@@ -473,17 +496,30 @@ function lenientParams(ctx) {
   return ctx.lenient;
 }
 
+// Script match keys: identifier, event_name, timestamp (body parameters),
+// payload[KEY] (a payload entry), idempotency_key, stripe_account, path, method.
+const MATCH_HEADER_KEYS = { idempotency_key: 'idempotency-key', stripe_account: 'stripe-account' };
+const MATCH_PARAM_KEYS = new Set(['identifier', 'event_name', 'timestamp']);
+const MATCH_PAYLOAD_RE = /^payload\[([^[\]]+)\]$/;
+
+function validMatchKey(k) {
+  return k === 'path' || k === 'method' || MATCH_HEADER_KEYS[k] !== undefined ||
+    MATCH_PARAM_KEYS.has(k) || MATCH_PAYLOAD_RE.test(k);
+}
+
 function scriptMatches(ctx, match) {
-  if (!match) return true;
   for (const k of Object.keys(match)) {
     const want = match[k];
     let got;
     if (k === 'path') got = ctx.path;
     else if (k === 'method') got = ctx.method;
-    else if (k === 'idempotency_key') got = ctx.idemKey;
+    else if (MATCH_HEADER_KEYS[k] !== undefined) got = ctx.headers[MATCH_HEADER_KEYS[k]];
     else {
       const p = lenientParams(ctx);
-      got = p ? p[k] : undefined;
+      const pm = MATCH_PAYLOAD_RE.exec(k);
+      if (!p) got = undefined;
+      else if (pm) got = p.payload && typeof p.payload === 'object' ? p.payload[pm[1]] : undefined;
+      else got = p[k];
     }
     if (got !== want) return false;
   }
@@ -646,27 +682,77 @@ function authenticate(ctx) {
   return true;
 }
 
-// Idempotency scope: the key's account + mode + Stripe-Account + key.
-function idemScope(ctx) {
-  if (ctx.idemKey === undefined) return null;
-  return ctx.keyAccount + '|' + ctx.mode + '|' + (ctx.stripeAccount || '') + '|' + ctx.idemKey;
+// Compact fixed-shape records.
+class IdemEntry {
+  constructor(hash, path, t) {
+    this.hash = hash;        // sha1 of the canonical parameters
+    this.path = path;
+    this.t = t;              // execution start (ms)
+    this.inFlight = true;
+    this.status = 0;
+    this.headers = null;     // extra response headers (errors only)
+    this.body = null;        // stored body, or null when ev is set
+    this.ev = null;          // billed EventRecord (success body rebuilt from it)
+    this.requestId = null;
+    this.stripeVersion = null;
+  }
 }
 
-function pruneIdem(st, cfg, now) {
+class EventRecord {
+  constructor(identifier, eventName, payload, timestamp, account, livemode, idemKey,
+    stripeVersion, userAgent, apiKey, requestId, billedAt) {
+    this.identifier = identifier;
+    this.event_name = eventName;
+    this.payload = payload;
+    this.timestamp = timestamp;
+    this.account = account;
+    this.livemode = livemode;
+    this.idempotency_key = idemKey;
+    this.stripe_version = stripeVersion;
+    this.user_agent = userAgent;
+    this.api_key = apiKey;
+    this.request_id = requestId;
+    this.billed_at = billedAt;
+  }
+}
+
+class IdentInfo {
+  constructor() {
+    this.billedAt = -1;  // last billing time (ms), -1 = never billed
+    this.n = 0;          // times billed
+    this.keys = null;    // distinct Idempotency-Keys seen executing: string or array
+    this.nkeys = 0;
+    this.ok = undefined; // first key that got a 200 (null = no key)
+    this.okMulti = false;
+  }
+}
+
+function hashParams(canonical) {
+  return crypto.createHash('sha1').update(canonical).digest('base64');
+}
+
+// Idempotency scope: the key's account + mode + Stripe-Account, then the key.
+function idemMap(st, ctx, create) {
+  const scope = ctx.keyAccount + '|' + ctx.mode + '|' + (ctx.stripeAccount || '');
+  let m = st.idem.get(scope);
+  if (!m && create) { m = new Map(); st.idem.set(intern(scope), m); }
+  return m;
+}
+
+function pruneIdem(st, m, cfg, now) {
   const ttl = cfg.idempotency_ttl_s * 1000;
   // Entries are in creation order: drop from the front while expired.
-  for (const [k, e] of st.idem) {
+  for (const [k, e] of m) {
     if (now - e.t < ttl || e.inFlight) break;
-    st.idem.delete(k);
+    m.delete(k);
+    st.idemCount--;
   }
 }
 
-function pruneIdents(st, cfg, now) {
-  const ttl = cfg.identifier_ttl_s * 1000;
-  for (const [k, t] of st.identWindow) {
-    if (now - t < ttl) break;
-    st.identWindow.delete(k);
-  }
+function storeIdem(st, m, key, entry) {
+  if (m.delete(key)) st.idemCount--;
+  m.set(key, entry);
+  st.idemCount++;
 }
 
 // Run an endpoint's execution under Stripe's idempotency and per-object
@@ -676,12 +762,13 @@ function pruneIdents(st, cfg, now) {
 function executeIdempotent(ctx, canonParams, lockKey, lockMessage, decide) {
   const st = ctx.st, cfg = ctx.cfg;
   const now = Date.now();
-  const scope = idemScope(ctx);
-  if (scope !== null) {
-    pruneIdem(st, cfg, now);
-    const e = st.idem.get(scope);
+  const m = ctx.idemKey === undefined ? null : idemMap(st, ctx, true);
+  const hash = m === null ? null : hashParams(canonParams);
+  if (m !== null) {
+    pruneIdem(st, m, cfg, now);
+    const e = m.get(ctx.idemKey);
     if (e && (e.inFlight || now - e.t < cfg.idempotency_ttl_s * 1000)) {
-      if (e.canon !== canonParams || e.path !== ctx.path) {
+      if (e.hash !== hash || e.path !== ctx.path) {
         st.stats.idempotency_mismatches++;
         return reply(ctx, 400, stripeError('idempotency_error',
           'Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than \'' +
@@ -702,11 +789,10 @@ function executeIdempotent(ctx, canonParams, lockKey, lockMessage, decide) {
   }
   // Execution begins.
   let entry = null;
-  if (scope !== null) {
-    entry = { canon: canonParams, path: ctx.path, t: now, inFlight: true,
-      status: 0, headers: null, body: null, requestId: null, stripeVersion: null };
-    st.idem.delete(scope);
-    st.idem.set(scope, entry);
+  if (m !== null) {
+    ctx.idemKey = keepStr(ctx.idemKey);
+    entry = new IdemEntry(hash, ctx.path, now);
+    storeIdem(st, m, ctx.idemKey, entry);
   }
   if (lockKey !== null) st.slots.add(lockKey);
   const run = () => {
@@ -720,9 +806,9 @@ function executeIdempotent(ctx, canonParams, lockKey, lockMessage, decide) {
       entry.inFlight = false;
       entry.status = r.status;
       entry.headers = r.headers || null;
-      entry.body = r.body;
+      if (r.ev) entry.ev = r.ev; else entry.body = r.body;
       entry.requestId = ctx.requestId;
-      entry.stripeVersion = ctx.stripeVersion;
+      entry.stripeVersion = intern(ctx.stripeVersion);
     }
     deliver(ctx, r);
   };
@@ -739,7 +825,7 @@ function replay(ctx, e) {
     'Idempotent-Replayed': 'true',
     'Original-Request': e.requestId,
   });
-  deliver(ctx, { status: e.status, headers, body: e.body });
+  deliver(ctx, { status: e.status, headers, body: e.ev ? meterEventBody(e.ev) : e.body });
 }
 
 function serverError500() {
@@ -894,47 +980,60 @@ function handleMeterEvents(ctx) {
     (c) => decideMeterEvent(c, v));
 }
 
+function meterEventBody(ev) {
+  return JSON.stringify({
+    object: 'billing.meter_event',
+    created: Math.floor(ev.billed_at / 1000),
+    event_name: ev.event_name,
+    identifier: ev.identifier,
+    livemode: ev.livemode,
+    payload: ev.payload,
+    timestamp: ev.timestamp,
+  });
+}
+
 function decideMeterEvent(ctx, v) {
   const st = ctx.st, cfg = ctx.cfg;
   const now = Date.now();
   const generated = v.identifier === undefined;
-  const identifier = generated ? crypto.randomUUID() : v.identifier;
-  const ik = ctx.account + '|' + identifier;
+  const identifier = generated ? crypto.randomUUID() : keepStr(v.identifier);
   let info = null;
   if (!generated) {
-    info = st.identInfo.get(ik);
-    if (!info) { info = { n: 0, keys: null, nkeys: 0, ok: undefined, okMulti: false }; st.identInfo.set(ik, info); }
+    let m = st.idents.get(ctx.account);
+    if (!m) { m = new Map(); st.idents.set(intern(ctx.account), m); }
+    info = m.get(identifier);
+    if (!info) { info = new IdentInfo(); m.set(identifier, info); }
     trackKey(st, info, ctx.idemKey);
-  }
-  pruneIdents(st, cfg, now);
-  if (!generated && st.identWindow.has(ik)) {
-    st.stats.duplicate_identifier_attempts++;
-    return {
-      status: 400,
-      headers: { 'Stripe-Should-Retry': 'false' },
-      body: JSON.stringify(stripeError('invalid_request_error', 'An event already exists with identifier ' + identifier + '.',
-        { request_log_url: 'https://dashboard.stripe.com/' + (ctx.livemode ? '' : 'test/') + 'logs/' + ctx.requestId })),
-    };
+    if (info.billedAt >= 0 && now - info.billedAt < cfg.identifier_ttl_s * 1000) {
+      st.stats.duplicate_identifier_attempts++;
+      return {
+        status: 400,
+        headers: { 'Stripe-Should-Retry': 'false' },
+        body: JSON.stringify(stripeError('invalid_request_error', 'An event already exists with identifier ' + identifier + '.',
+          { request_log_url: 'https://dashboard.stripe.com/' + (ctx.livemode ? '' : 'test/') + 'logs/' + ctx.requestId })),
+      };
+    }
   }
   // Bill it.
-  st.identWindow.set(ik, now);
-  const ts = v.timestamp === null ? Math.floor(now / 1000) : v.timestamp;
-  st.events.push({
+  const payload = {};
+  for (const k of Object.keys(v.payload)) payload[k] = keepStr(v.payload[k]);
+  const ev = new EventRecord(
     identifier,
-    event_name: v.event_name,
-    payload: v.payload,
-    timestamp: ts,
-    account: ctx.stripeAccount || ctx.keyAccount,
-    livemode: ctx.livemode,
-    idempotency_key: ctx.idemKey === undefined ? null : ctx.idemKey,
-    stripe_version: ctx.headers['stripe-version'] || null,
-    user_agent: ctx.headers['user-agent'] || null,
-    api_key: ctx.apiKey,
-    request_id: ctx.requestId,
-    billed_at: now,
-  });
+    intern(v.event_name),
+    payload,
+    v.timestamp === null ? Math.floor(now / 1000) : v.timestamp,
+    intern(ctx.stripeAccount || ctx.keyAccount),
+    ctx.livemode,
+    ctx.idemKey === undefined ? null : ctx.idemKey,
+    intern(ctx.headers['stripe-version'] || null),
+    intern(ctx.headers['user-agent'] || null),
+    intern(ctx.apiKey),
+    ctx.requestId,
+    now);
+  st.events.push(ev);
   st.stats.billed++;
   if (info) {
+    info.billedAt = now;
     info.n++;
     if (info.n === 2) st.stats.identifiers_billed_multiple_times++;
     // Successful answers for this identifier under distinct idempotency keys.
@@ -945,16 +1044,7 @@ function decideMeterEvent(ctx, v) {
       st.stats.identifiers_billed_under_multiple_keys++;
     }
   }
-  const body = {
-    object: 'billing.meter_event',
-    created: Math.floor(now / 1000),
-    event_name: v.event_name,
-    identifier,
-    livemode: ctx.livemode,
-    payload: v.payload,
-    timestamp: ts,
-  };
-  return { status: 200, headers: null, body: JSON.stringify(body) };
+  return { status: 200, headers: null, body: meterEventBody(ev), ev };
 }
 
 // Count distinct Idempotency-Keys seen executing for one identifier. A
@@ -992,12 +1082,17 @@ function scriptedResponse(ctx, s) {
     // Store as if executed, scoped like a real request would be.
     const key = bearerKey(ctx.headers.authorization);
     const livemode = key ? key.indexOf('_live_') >= 0 : false;
-    const scope = ((key && ctx.cfg.key_accounts[key]) || PLATFORM_ACCOUNT) + '|' + (livemode ? 'live' : 'test') + '|' +
-      (ctx.headers['stripe-account'] || '') + '|' + ctx.idemKey;
+    const sctx = { keyAccount: (key && ctx.cfg.key_accounts[key]) || PLATFORM_ACCOUNT, mode: livemode ? 'live' : 'test',
+      stripeAccount: ctx.headers['stripe-account'] || null };
     const p = lenientParams(ctx);
-    ctx.st.idem.delete(scope);
-    ctx.st.idem.set(scope, { canon: p ? canon(p) : ctx.raw, path: ctx.path, t: Date.now(), inFlight: false,
-      status: r.status, headers: headers, body, requestId: ctx.requestId, stripeVersion: ctx.stripeVersion });
+    const e = new IdemEntry(hashParams(p ? canon(p) : ctx.raw), ctx.path, Date.now());
+    e.inFlight = false;
+    e.status = r.status;
+    e.headers = headers;
+    e.body = body;
+    e.requestId = ctx.requestId;
+    e.stripeVersion = ctx.stripeVersion;
+    storeIdem(ctx.st, idemMap(ctx.st, sctx, true), ctx.idemKey, e);
   }
   deliver(ctx, r);
 }
@@ -1056,9 +1151,8 @@ function deliver(ctx, r) {
   deliverNow(ctx, r);
 }
 
-function addTimer(ctx, t) {
-  if (!ctx.timers) ctx.timers = [];
-  ctx.timers.push(t);
+function setCtxTimer(ctx, t) {
+  ctx.timer = t;
 }
 
 function deliverNow(ctx, r) {
@@ -1076,7 +1170,7 @@ function deliverNow(ctx, r) {
   const sock = ctx.req.socket;
   if (mode === 'reset') { resetSocket(sock); return; }
   if (mode === 'hold') {
-    if (!ctx.closed) addTimer(ctx, setTimeout(() => sock.destroy(), ctx.cfg.timeout_hold_ms));
+    if (!ctx.closed) setCtxTimer(ctx, setTimeout(() => sock.destroy(), ctx.cfg.timeout_hold_ms));
     return;
   }
   const status = r.status;
@@ -1096,6 +1190,13 @@ function deliverNow(ctx, r) {
   by[status] = (by[status] || 0) + 1;
 
   if (mode === 'huge') return sendHuge(ctx, res, status, headers);
+  if (mode === 'normal') {
+    // A string body goes out in the same write as the headers.
+    headers['Content-Length'] = String(Buffer.byteLength(r.body, 'utf8'));
+    if (!safeWriteHead(res, status, headers)) return;
+    res.end(r.body, 'utf8');
+    return;
+  }
   const buf = Buffer.from(r.body, 'utf8');
   if (mode === 'truncated') {
     headers['Content-Length'] = String(buf.length * 2 + 64);
@@ -1113,13 +1214,10 @@ function deliverNow(ctx, r) {
       if (i >= buf.length) { res.end(); return; }
       res.write(buf.subarray(i, i + 1));
       i++;
-      addTimer(ctx, setTimeout(step, ctx.cfg.trickle_interval_ms));
+      setCtxTimer(ctx, setTimeout(step, ctx.cfg.trickle_interval_ms));
     };
     step();
-    return;
   }
-  if (!safeWriteHead(res, status, headers)) return;
-  res.end(buf);
 }
 
 // Merge `extra` into `headers`, replacing names case-insensitively.
@@ -1188,14 +1286,17 @@ function sendJson(res, status, obj) {
   res.end(body);
 }
 
-function controlStats() {
+function controlStats(query) {
   const st = state;
+  // ?gc=1 forces a collection first when node runs with --expose-gc.
+  if (query.get('gc') === '1' && typeof global.gc === 'function') global.gc();
+  const mem = process.memoryUsage();
   return Object.assign({}, st.stats, {
+    memory: { rss: mem.rss, heap_used: mem.heapUsed },
     by_status: Object.assign({}, st.stats.by_status),
     faults_injected: Object.assign({}, st.stats.faults_injected),
     events_stored: st.events.length,
-    idempotency_keys_stored: st.idem.size,
-    identifiers_in_window: st.identWindow.size,
+    idempotency_keys_stored: st.idemCount,
     scripts_remaining: st.scripts.length,
     open_connections: sockets.size,
   });
@@ -1208,6 +1309,10 @@ function validateScript(list) {
     if (!s || typeof s !== 'object' || Array.isArray(s)) return 'script entries must be objects';
     const e = { match: s.match || {}, times: s.times === undefined ? 1 : s.times };
     if (typeof e.match !== 'object' || Array.isArray(e.match)) return 'match must be an object';
+    for (const k of Object.keys(e.match)) {
+      if (!validMatchKey(k)) return 'unknown match key: ' + k;
+      if (typeof e.match[k] !== 'string') return 'match values must be strings: ' + k;
+    }
     if (typeof e.times !== 'number' || !Number.isInteger(e.times) || e.times === 0) return 'times must be a non-zero integer (negative = unlimited)';
     if (s.delay_ms !== undefined) {
       if (typeof s.delay_ms !== 'number' || s.delay_ms < 0) return 'delay_ms must be a number >= 0';
@@ -1253,7 +1358,7 @@ function onControl(req, res, path, query) {
       case 'GET /__mock/health':
         return sendJson(res, 200, { ok: true });
       case 'GET /__mock/stats':
-        return sendJson(res, 200, controlStats());
+        return sendJson(res, 200, controlStats(query));
       case 'GET /__mock/events': {
         let data = state.events;
         const ident = query.get('identifier');
