@@ -79,6 +79,7 @@ static bool claim_exhausted = false;	/* last claim found fewer than asked */
 static TimestampTz next_poll_at = 0;
 static TimestampTz next_purge_at = 0;
 static char pause_reason[WORKER_TEXT_LEN];
+static bool extension_absent = false;	/* exit frees the slot for good */
 
 /* the sender's rate limiter: a token bucket that backs off on 429 */
 static double limiter_tokens = 0;
@@ -446,6 +447,7 @@ record_finished(void)
 	{
 		ereport(LOG,
 				(errmsg("stripe_meter worker is stopping: the extension was dropped from this database")));
+		extension_absent = true;
 		proc_exit(0);
 	}
 	earliest_retry = DeliveryStoreRecord(list);
@@ -495,6 +497,7 @@ claim_more(MemoryContext parent)
 	{
 		ereport(LOG,
 				(errmsg("stripe_meter worker is stopping: the extension was dropped from this database")));
+		extension_absent = true;
 		proc_exit(0);
 	}
 	got = DeliveryStoreClaim(want, batch, &head, &tail);
@@ -521,7 +524,10 @@ purge_if_due(TimestampTz now)
 		return;
 	next_purge_at = TimestampTzPlusMilliseconds(now, PURGE_INTERVAL_MS);
 	if (!DeliveryStoreBegin())
+	{
+		extension_absent = true;
 		proc_exit(0);
+	}
 	(void) DeliveryStorePurgeDelivered();
 	DeliveryStoreCommit();
 }
@@ -556,8 +562,6 @@ worker_exit(int code, Datum arg)
 	if (wake_launcher && launcher_latch)
 		SetLatch(launcher_latch);
 }
-
-static bool extension_absent = false;
 
 static void
 worker_exit_callback(int code, Datum arg)
