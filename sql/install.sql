@@ -22,3 +22,6 @@ SELECT stripe_meter_event_create('ai_search_api',
 	'identifier_123', now());
 SELECT identifier, event_name, payload, customer, attempts, in_flight_since
   FROM stripe_meter.outbox;
+
+-- Leave the outbox empty for the files that follow.
+DELETE FROM stripe_meter.outbox;

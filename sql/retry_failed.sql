@@ -1,0 +1,106 @@
+--
+-- stripe_meter_retry_failed(identifier): failed events back into the outbox,
+-- one by identifier or all (NULL), through the same validation as new ones.
+--
+\set SHOW_CONTEXT never
+SET timezone = 'UTC';
+
+CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+	r text;
+BEGIN
+	EXECUTE stmt INTO r;
+	RETURN 'ok' || coalesce(': ' || r, '');
+EXCEPTION WHEN OTHERS THEN
+	RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM,
+		'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?\+00', '<time>', 'g');
+END
+$$;
+
+-- Failed events, as the worker records them.
+CREATE PROCEDURE pg_temp.add_failed(id text, age interval, payload jsonb DEFAULT NULL,
+									event_name text DEFAULT 'api_requests',
+									account text DEFAULT NULL)
+LANGUAGE sql AS $$
+	INSERT INTO stripe_meter.failed_events
+		(identifier, event_name, payload, ts, stripe_account, customer, reason,
+		 http_status, stripe_error, request_id, enqueued_at, first_attempt_at, attempts)
+	VALUES (id, event_name,
+			coalesce(payload, '{"stripe_customer_id": "cus_R", "value": 5}'),
+			now() - age, account, coalesce(payload->>'stripe_customer_id', 'cus_R'),
+			'No such customer: ''cus_R''', 400,
+			'{"error": {"type": "invalid_request_error", "code": "resource_missing"}}',
+			'req_123', now() - age, now() - age, 3)
+$$;
+CALL pg_temp.add_failed('f-1', '1 day', '{"stripe_customer_id": "cus_R", "value": 5, "region": "eu"}',
+						  account => 'acct_9');
+CALL pg_temp.add_failed('f-2', '2 days');
+CALL pg_temp.add_failed('f-3', '3 days');
+CALL pg_temp.add_failed('f-old', '40 days');
+SELECT count(*) AS queued FROM stripe_meter.outbox;
+SELECT count(*) AS failed FROM stripe_meter.failed_events;
+CREATE TEMP TABLE failed_before AS SELECT * FROM stripe_meter.failed_events;
+
+-- One event: it returns 1, the event is queued again as a fresh event
+-- with its identifier, name, payload, timestamp and account ...
+BEGIN;
+SELECT stripe_meter_retry_failed('f-1');
+SELECT o.identifier, o.event_name, o.payload, o.stripe_account, o.customer,
+	   o.ts = f.ts AS same_ts,
+	   o.enqueued_at BETWEEN now() AND clock_timestamp() AS enqueued_now,
+	   o.attempts, o.first_attempt_at, o.in_flight_since, o.last_http_status, o.last_error
+  FROM stripe_meter.outbox o JOIN failed_before f USING (identifier);
+COMMIT;
+-- ... and it is no longer failed
+SELECT identifier FROM stripe_meter.failed_events ORDER BY identifier;
+-- ... so it cannot be retried twice
+SELECT pg_temp.try($$SELECT stripe_meter_retry_failed('f-1')$$);
+
+-- Unknown identifiers
+SELECT pg_temp.try($$SELECT stripe_meter_retry_failed('no-such-event')$$);
+SELECT pg_temp.try($$SELECT stripe_meter_retry_failed('')$$);
+SELECT pg_temp.try($$SELECT stripe_meter_retry_failed('F-2')$$);
+
+-- An event whose timestamp has left Stripe's 35-day window cannot be
+-- queued again; it stays failed.
+SELECT pg_temp.try($$SELECT stripe_meter_retry_failed('f-old')$$);
+SELECT identifier FROM stripe_meter.failed_events ORDER BY identifier;
+
+-- Nor can one the meter would now refuse, or one whose identifier was
+-- delivered meanwhile.
+INSERT INTO stripe_meter.meters VALUES ('renamed_keys', 'account', 'units');
+CALL pg_temp.add_failed('f-keys', '1 hour', event_name => 'renamed_keys');
+SELECT pg_temp.try($$SELECT stripe_meter_retry_failed('f-keys')$$);
+DELETE FROM stripe_meter.meters;
+CALL pg_temp.add_failed('f-delivered', '1 hour');
+INSERT INTO stripe_meter.meter_events
+	(identifier, event_name, payload, ts, customer, outcome, enqueued_at, attempts)
+VALUES ('f-delivered', 'api_requests', '{"stripe_customer_id": "cus_R", "value": "5"}',
+		now(), 'cus_R', 'already_existed', now(), 1);
+SELECT pg_temp.try($$SELECT stripe_meter_retry_failed('f-delivered')$$);
+DELETE FROM stripe_meter.meter_events;
+DELETE FROM stripe_meter.failed_events WHERE identifier IN ('f-keys', 'f-delivered');
+
+-- A rolled-back retry leaves the event failed.
+BEGIN;
+SELECT stripe_meter_retry_failed('f-2');
+ROLLBACK;
+SELECT identifier FROM stripe_meter.failed_events ORDER BY identifier;
+SELECT count(*) AS queued FROM stripe_meter.outbox;
+
+-- NULL retries every event still inside the window and returns how many;
+-- the others stay failed.  (The NOTICE about those is checked in
+-- retry_failed_notice.sql.)
+SET client_min_messages = warning;
+SELECT stripe_meter_retry_failed(NULL);
+RESET client_min_messages;
+SELECT identifier, attempts FROM stripe_meter.outbox ORDER BY identifier;
+SELECT identifier FROM stripe_meter.failed_events ORDER BY identifier;
+-- Only events too old to send: none is queued, and a NOTICE says why.
+SELECT stripe_meter_retry_failed();
+SELECT identifier FROM stripe_meter.failed_events ORDER BY identifier;
+-- Nothing failed: 0, no NOTICE.
+DELETE FROM stripe_meter.failed_events;
+SELECT stripe_meter_retry_failed();
+
+DELETE FROM stripe_meter.outbox;
