@@ -15,10 +15,15 @@ CREATE TABLE stripe_meter.meters (
 	event_name text PRIMARY KEY
 		CHECK (pg_catalog.char_length(event_name) OPERATOR(pg_catalog.<=) 100
 			   AND event_name OPERATOR(pg_catalog.<>) ''),
+	-- brackets delimit keys in the form encoding (payload[KEY]=VALUE)
 	customer_payload_key text NOT NULL DEFAULT 'stripe_customer_id'
-		CHECK (customer_payload_key OPERATOR(pg_catalog.<>) ''),
+		CHECK (customer_payload_key OPERATOR(pg_catalog.<>) ''
+			   AND pg_catalog.strpos(customer_payload_key, '[') OPERATOR(pg_catalog.=) 0
+			   AND pg_catalog.strpos(customer_payload_key, ']') OPERATOR(pg_catalog.=) 0),
 	value_payload_key text NOT NULL DEFAULT 'value'
-		CHECK (value_payload_key OPERATOR(pg_catalog.<>) ''),
+		CHECK (value_payload_key OPERATOR(pg_catalog.<>) ''
+			   AND pg_catalog.strpos(value_payload_key, '[') OPERATOR(pg_catalog.=) 0
+			   AND pg_catalog.strpos(value_payload_key, ']') OPERATOR(pg_catalog.=) 0),
 	CHECK (customer_payload_key OPERATOR(pg_catalog.<>) value_payload_key)
 );
 COMMENT ON TABLE stripe_meter.meters IS
@@ -70,10 +75,19 @@ CREATE TABLE stripe_meter.meter_events (
 	stripe_account text,
 	customer text NOT NULL,
 	meter_event jsonb,
+	-- read defensively: an odd answer must never stop recording
 	created timestamptz GENERATED ALWAYS AS
-		(pg_catalog.to_timestamp((meter_event OPERATOR(pg_catalog.->>) 'created')::double precision)) STORED,
+		(CASE WHEN pg_catalog.jsonb_typeof(meter_event OPERATOR(pg_catalog.->) 'created') OPERATOR(pg_catalog.=) 'number'
+				   AND (meter_event OPERATOR(pg_catalog.->>) 'created')::numeric
+					   OPERATOR(pg_catalog.<=) 100000000000::numeric
+				   AND (meter_event OPERATOR(pg_catalog.->>) 'created')::numeric
+					   OPERATOR(pg_catalog.>=) 0::numeric
+			  THEN pg_catalog.to_timestamp((meter_event OPERATOR(pg_catalog.->>) 'created')::double precision)
+		 END) STORED,
 	livemode boolean GENERATED ALWAYS AS
-		((meter_event OPERATOR(pg_catalog.->>) 'livemode')::boolean) STORED,
+		(CASE WHEN pg_catalog.jsonb_typeof(meter_event OPERATOR(pg_catalog.->) 'livemode') OPERATOR(pg_catalog.=) 'boolean'
+			  THEN (meter_event OPERATOR(pg_catalog.->>) 'livemode')::boolean
+		 END) STORED,
 	outcome text NOT NULL
 		CHECK (outcome IN ('created', 'replayed', 'already_existed')),
 	request_id text,

@@ -308,7 +308,10 @@ stripe_meter_event_trigger(PG_FUNCTION_ARGS)
 							 have_ts ? &ts : NULL, NULL);
 	SPI_finish();
 
-	return PointerGetDatum(TRIGGER_FIRED_BEFORE(trigdata->tg_event) ? tuple : NULL);
+	/* BEFORE and INSTEAD OF row triggers pass the row on unchanged */
+	if (TRIGGER_FIRED_AFTER(trigdata->tg_event))
+		return PointerGetDatum(NULL);
+	return PointerGetDatum(tuple);
 }
 
 /*
@@ -327,8 +330,15 @@ append_json_value(StringInfo buf, HeapTuple tuple, TupleDesc desc, int attnum)
 		case INT2OID:
 		case INT4OID:
 		case INT8OID:
-		case NUMERICOID:
 			appendStringInfoString(buf, text);
+			break;
+		case NUMERICOID:
+			/* NaN and infinities are not JSON numbers: let validation refuse them */
+			if (text[0] == '-' ? (text[1] >= '0' && text[1] <= '9') :
+				(text[0] >= '0' && text[0] <= '9'))
+				appendStringInfoString(buf, text);
+			else
+				escape_json(buf, text);
 			break;
 		default:
 			escape_json(buf, text);

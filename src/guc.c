@@ -5,10 +5,13 @@
  *	  fail at reload rather than at delivery time.
  *
  * The API key is special: it is superuser-only, left out of SHOW ALL, and
- * shown masked even to superusers.  It has no check hook on purpose: when a
- * string check hook rejects a value PostgreSQL quotes that value in the
- * error, which would put the key in the server log.  A malformed key is
- * reported by the worker instead, without the key.
+ * shown masked even to superusers.  Its check hook never rejects a value
+ * (PostgreSQL would quote it in the error) and replaces what the GUC stores
+ * with a fixed token, keeping the key itself in the hook's private "extra":
+ * a reload that changes a setting logs "parameter ... changed to <value>"
+ * only when the stored value changed, which the token never does.  So the
+ * key never reaches the log, pg_settings or an error.  A malformed key is
+ * reported by the worker, without the key.
  *
  * Copyright (c) 2026, stripe_meter developers
  *
@@ -25,7 +28,8 @@
 #include "stripe_meter.h"
 
 bool		stripe_meter_enabled = true;
-char	   *stripe_meter_api_key = NULL;
+char	   *stripe_meter_api_key = NULL;	/* the real key; see check_api_key */
+static char *api_key_token = NULL;	/* what the GUC machinery stores */
 char	   *stripe_meter_api_url = NULL;
 char	   *stripe_meter_stripe_version = NULL;
 char	   *stripe_meter_ca_file = NULL;
@@ -45,7 +49,11 @@ int			stripe_meter_launcher_naptime = 10000;
 static bool check_api_url(char **newval, void **extra, GucSource source);
 static bool check_ca_file(char **newval, void **extra, GucSource source);
 static bool check_delivered_retention(int *newval, void **extra, GucSource source);
+static bool check_api_key(char **newval, void **extra, GucSource source);
+static void assign_api_key(const char *newval, void *extra);
 static const char *show_api_key(void);
+
+#define API_KEY_TOKEN "********"
 
 /*
  * StripeMeterUrlIsAllowed
@@ -155,6 +163,43 @@ check_delivered_retention(int *newval, void **extra, GucSource source)
 	return false;
 }
 
+static bool
+check_api_key(char **newval, void **extra, GucSource source)
+{
+	const char *key = *newval ? *newval : "";
+	char	   *copy;
+	char	   *token;
+
+	/* the token may come back as a value (e.g. RESET): keep the current key */
+	if (strcmp(key, API_KEY_TOKEN) == 0)
+		key = stripe_meter_api_key ? stripe_meter_api_key : "";
+
+	copy = malloc(strlen(key) + 1);	/* PostgreSQL 15 frees GUC memory with free() */
+	token = malloc(sizeof(API_KEY_TOKEN));
+	if (copy == NULL || token == NULL)
+	{
+		free(copy);
+		free(token);
+		return false;
+	}
+	strcpy(copy, key);
+	strcpy(token, API_KEY_TOKEN);
+	if (*newval)
+	{
+		explicit_bzero(*newval, strlen(*newval));
+		free(*newval);
+	}
+	*newval = token;
+	*extra = copy;
+	return true;
+}
+
+static void
+assign_api_key(const char *newval, void *extra)
+{
+	stripe_meter_api_key = extra;
+}
+
 /*
  * Never show the key: superusers see its kind and last four characters,
  * enough to tell which key is loaded; anyone else sees only whether one is.
@@ -211,10 +256,10 @@ StripeMeterDefineSettings(void)
 	DefineCustomStringVariable("stripe_meter.api_key",
 							   "Sets the Stripe secret or restricted API key used for delivery.",
 							   "Reload the configuration to rotate it.  It is never shown in full.",
-							   &stripe_meter_api_key, "",
+							   &api_key_token, "",
 							   PGC_SIGHUP,
 							   GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   NULL, NULL, show_api_key);
+							   check_api_key, assign_api_key, show_api_key);
 
 	DefineCustomStringVariable("stripe_meter.api_url",
 							   "Sets the base URL of Stripe's API.",

@@ -18,10 +18,13 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "stripe_meter.h"
@@ -193,82 +196,131 @@ OutboxInsertEvent(const char *event_name, Jsonb *payload,
 	return DatumGetTextPP(SPI_datumTransfer(result, false, -1));
 }
 
-/*
- * OutboxRetryFailed
- *		Move failed events back into the outbox: the one named, or all.
- *
- * They re-enter through the same validation as any new event, so an event
- * whose timestamp has meanwhile left Stripe's 35-day window cannot be
- * queued again; when retrying all, such events are left where they are and
- * counted in a NOTICE.  Returns how many events were queued.
- */
-int64
-OutboxRetryFailed(const char *identifier)
+/* move one failed event back into the outbox; errors propagate */
+static void
+retry_one(const char *identifier)
 {
 	static SPIPlanPtr take_plan = NULL;
-	Oid			types[1] = {TEXTOID};
-	Datum		arg;
-	char		null;
+	Datum		arg = CStringGetTextDatum(identifier);
 	int			rc;
-	uint64		i;
-	uint64		n;
-	SPITupleTable *taken;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+	TimestampTz ts;
 
 	if (take_plan == NULL)
+	{
+		Oid			types[1] = {TEXTOID};
+
 		take_plan = prepare_saved(
-								  "DELETE FROM stripe_meter.failed_events"
-								  " WHERE ($1::text IS NULL OR identifier = $1)"
-								  "   AND ($1::text IS NOT NULL OR ts >= pg_catalog.clock_timestamp()"
-								  "        - interval '35 days' + interval '1 minute')"
+								  "DELETE FROM stripe_meter.failed_events WHERE identifier = $1"
 								  " RETURNING identifier, event_name, payload, ts, stripe_account",
 								  1, types);
+	}
 
-	arg = identifier ? CStringGetTextDatum(identifier) : (Datum) 0;
-	null = identifier ? ' ' : 'n';
-	rc = SPI_execute_plan(take_plan, &arg, &null, false, 0);
+	rc = SPI_execute_plan(take_plan, &arg, NULL, false, 0);
 	if (rc != SPI_OK_DELETE_RETURNING)
-		elog(ERROR, "could not take failed meter events: %s", SPI_result_code_string(rc));
-
-	if (identifier != NULL && SPI_processed == 0)
+		elog(ERROR, "could not take failed meter event: %s", SPI_result_code_string(rc));
+	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("no failed meter event has identifier \"%s\"", identifier)));
 
-	taken = SPI_tuptable;
-	n = SPI_processed;
-	for (i = 0; i < n; i++)
-	{
-		HeapTuple	tup = taken->vals[i];
-		TupleDesc	desc = taken->tupdesc;
-		bool		isnull;
-		TimestampTz ts;
-		char	   *account;
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	ts = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
+	(void) OutboxInsertEvent(SPI_getvalue(tup, desc, 2),
+							 DatumGetJsonbP(SPI_getbinval(tup, desc, 3, &isnull)),
+							 SPI_getvalue(tup, desc, 1),
+							 &ts, SPI_getvalue(tup, desc, 5));
+}
 
-		ts = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
-		account = SPI_getvalue(tup, desc, 5);
-		(void) OutboxInsertEvent(SPI_getvalue(tup, desc, 2),
-								 DatumGetJsonbP(SPI_getbinval(tup, desc, 3, &isnull)),
-								 SPI_getvalue(tup, desc, 1),
-								 &ts, account);
+/*
+ * Retry one event in a subtransaction; returns NULL on success, else the
+ * error's message (in cxt), with the subtransaction rolled back.
+ */
+static char *
+try_retry_one(const char *identifier, MemoryContext cxt, ResourceOwner owner)
+{
+	char	   *volatile error = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		retry_one(identifier);
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		error = edata->message;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	return error;
+}
+
+/*
+ * OutboxRetryFailed
+ *		Move failed events back into the outbox: the one named, or all.
+ *
+ * They re-enter through the same validation as any new event.  Retrying
+ * one event raises that validation's error.  Retrying all moves every
+ * event that can be queued again, each in its own subtransaction, and
+ * leaves the others failed, with a NOTICE saying how many and why (an
+ * event whose timestamp has meanwhile left Stripe's 35-day window, say).
+ * Returns how many events were queued.
+ */
+int64
+OutboxRetryFailed(const char *identifier)
+{
+	List	   *identifiers = NIL;
+	ListCell   *lc;
+	int64		moved = 0;
+	int64		skipped = 0;
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	uint64		i;
+	int			rc;
+
+	if (identifier != NULL)
+	{
+		retry_one(identifier);
+		return 1;
 	}
 
-	if (identifier == NULL)
-	{
-		rc = SPI_execute("SELECT pg_catalog.count(*) FROM stripe_meter.failed_events",
-						 true, 0);
-		if (rc == SPI_OK_SELECT && SPI_processed == 1)
-		{
-			bool		isnull;
-			int64		left = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-														   SPI_tuptable->tupdesc, 1,
-														   &isnull));
+	rc = SPI_execute("SELECT identifier FROM stripe_meter.failed_events ORDER BY failed_at, identifier",
+					 false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not list failed meter events: %s", SPI_result_code_string(rc));
+	for (i = 0; i < SPI_processed; i++)
+		identifiers = lappend(identifiers,
+							  MemoryContextStrdup(cxt, SPI_getvalue(SPI_tuptable->vals[i],
+																	SPI_tuptable->tupdesc, 1)));
 
-			if (left > 0)
-				ereport(NOTICE,
-						(errmsg("%lld failed meter events were not queued again",
-								(long long) left),
-						 errdetail("Their timestamps are more than 35 days old, and Stripe would reject them.")));
-		}
+	foreach(lc, identifiers)
+	{
+		char	   *error = try_retry_one((char *) lfirst(lc), cxt, owner);
+
+		if (error == NULL)
+			moved++;
+		else
+			skipped++;
 	}
-	return (int64) n;
+
+	if (skipped > 0)
+		ereport(NOTICE,
+				(errmsg_plural("%lld failed meter event was not queued again",
+							   "%lld failed meter events were not queued again",
+							   skipped, (long long) skipped),
+				 errdetail("They no longer pass validation, for example because their timestamps are more than 35 days old."),
+				 errhint("Retry one by its identifier to see why it is refused.")));
+	return moved;
 }
