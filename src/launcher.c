@@ -203,7 +203,8 @@ tend_slots(void)
 			slot->stopped_at = now;
 		}
 
-		if (slot->state == SLOT_REQUESTED)
+		if (slot->state == SLOT_REQUESTED ||
+			(slot->state == SLOT_STOPPED && slot->probe_requested))
 			start_worker(i);
 		else if (slot->state == SLOT_STOPPED)
 		{

@@ -17,7 +17,9 @@
 #include "postgres.h"
 
 #include "miscadmin.h"
+#include "nodes/parsenodes.h"
 #include "storage/ipc.h"
+#include "tcop/utility.h"
 
 #include "stripe_meter.h"
 
@@ -27,6 +29,7 @@ void		_PG_init(void);
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+static ProcessUtility_hook_type prev_process_utility_hook = NULL;
 
 static void
 shmem_request(void)
@@ -44,6 +47,29 @@ shmem_startup(void)
 	StripeMeterShmemStartup();
 }
 
+/*
+ * Events queued in a prepared transaction become visible only at COMMIT
+ * PREPARED, possibly in another session, whose commit wakes the worker.
+ */
+static void
+process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
+				ProcessUtilityContext context, ParamListInfo params,
+				QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+{
+	Node	   *tree = pstmt->utilityStmt;
+
+	if (IsA(tree, TransactionStmt) &&
+		((TransactionStmt *) tree)->kind == TRANS_STMT_COMMIT_PREPARED)
+		StripeMeterWakeAtCommit();
+
+	if (prev_process_utility_hook)
+		prev_process_utility_hook(pstmt, queryString, readOnlyTree, context,
+								  params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
+								params, queryEnv, dest, qc);
+}
+
 void
 _PG_init(void)
 {
@@ -57,6 +83,8 @@ _PG_init(void)
 	shmem_request_hook = shmem_request;
 	prev_shmem_startup_hook = shmem_startup_hook;
 	shmem_startup_hook = shmem_startup;
+	prev_process_utility_hook = ProcessUtility_hook;
+	ProcessUtility_hook = process_utility;
 
 	StripeMeterRegisterLauncher();
 }

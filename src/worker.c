@@ -86,6 +86,7 @@ static double limiter_tokens = 0;
 static TimestampTz limiter_refilled_at = 0;
 static double limiter_backoff_rate = 0; /* 0: not backing off */
 static TimestampTz limiter_last_429 = 0;
+static TimestampTz limiter_grown_at = 0;
 static double sent_this_second = 0;
 static double send_rate = 0;
 static TimestampTz rate_second_start = 0;
@@ -181,7 +182,10 @@ limiter_take(TimestampTz now, long *wait_ms)
 	return false;
 }
 
-/* 429: halve the rate (once per short period), from what was being sent */
+/*
+ * 429: halve the rate, at most once per short period, starting from what
+ * was being sent (or a modest rate when the sender was nearly idle).
+ */
 static void
 limiter_on_429(TimestampTz now)
 {
@@ -190,29 +194,37 @@ limiter_on_429(TimestampTz now)
 	if (limiter_last_429 != 0 &&
 		!TimestampDifferenceExceeds(limiter_last_429, now, 200))
 		return;
-	base = limiter_backoff_rate > 0 ? limiter_backoff_rate : Max(send_rate, 2.0);
-	limiter_backoff_rate = Max(1.0, base / 2.0);
+	base = limiter_backoff_rate > 0 ? limiter_backoff_rate : Max(send_rate, 50.0);
+	limiter_backoff_rate = Max(2.0, base / 2.0);
 	limiter_last_429 = now;
+	limiter_grown_at = now;
 }
 
-/* each second without a 429 the rate grows back by a fifth */
+/*
+ * Measure the send rate each second; while backing off, grow the rate back
+ * by a quarter every 250 ms without a 429, and stop limiting once it is
+ * past the configured limit (or well past what is being sent).
+ */
 static void
 limiter_tick(TimestampTz now)
 {
 	if (rate_second_start == 0)
 		rate_second_start = now;
-	if (!TimestampDifferenceExceeds(rate_second_start, now, 1000))
-		return;
-	send_rate = sent_this_second * USECS_PER_SEC / (double) (now - rate_second_start);
-	sent_this_second = 0;
-	rate_second_start = now;
+	if (TimestampDifferenceExceeds(rate_second_start, now, 1000))
+	{
+		send_rate = sent_this_second * USECS_PER_SEC / (double) (now - rate_second_start);
+		sent_this_second = 0;
+		rate_second_start = now;
+	}
 
 	if (limiter_backoff_rate > 0 &&
-		TimestampDifferenceExceeds(limiter_last_429, now, 1000))
+		TimestampDifferenceExceeds(limiter_grown_at, now, 250) &&
+		TimestampDifferenceExceeds(limiter_last_429, now, 250))
 	{
 		double		limit = StripeMeterEffectiveRateLimit();
 
-		limiter_backoff_rate *= 1.2;
+		limiter_backoff_rate *= 1.25;
+		limiter_grown_at = now;
 		if ((limit > 0 && limiter_backoff_rate >= limit) ||
 			(limit == 0 && limiter_backoff_rate > 2 * Max(send_rate, 100.0)))
 			limiter_backoff_rate = 0;
@@ -544,7 +556,9 @@ worker_exit(int code, Datum arg)
 		return;
 	LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
 	slot = StripeMeterFindSlot(MyDatabaseId);
-	if (slot != NULL && slot->pid == MyProcPid)
+	/* ours if we run it, or if the launcher started us and nobody runs it */
+	if (slot != NULL &&
+		(slot->pid == MyProcPid || (slot->state == SLOT_STARTING && slot->pid == 0)))
 	{
 		slot->latch = NULL;
 		slot->pid = 0;
@@ -709,9 +723,7 @@ StripeMeterWorkerMain(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 			StripeClientSettingsChanged();
 			/* a reload is how a key or URL problem gets fixed: try again */
-			pause_reason[0] = '\0';
 			set_paused(settings_problem());
-			StripeMeterSetPaused(MyDatabaseId, pause_reason[0] ? pause_reason : NULL);
 			ready_now = true;
 		}
 

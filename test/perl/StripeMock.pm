@@ -204,6 +204,7 @@ sub _query
 	return '' unless %q;
 	return '?' . join('&', map {
 		my ($k, $v) = ($_, $q{$_});
+		utf8::encode($v) if utf8::is_utf8($v);    # percent-encode UTF-8 bytes
 		$v =~ s/([^A-Za-z0-9\-._~])/sprintf('%%%02X', ord $1)/ge;
 		"$k=$v"
 	} sort keys %q);
