@@ -49,18 +49,6 @@ static SPIPlanPtr failed_plan = NULL;
 static SPIPlanPtr retry_plan = NULL;
 static SPIPlanPtr release_plan = NULL;
 
-static SPIPlanPtr
-saved_plan(const char *sql, int nargs, Oid *types)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
-
-	if (plan == NULL)
-		elog(ERROR, "could not prepare \"%s\": %s", sql,
-			 SPI_result_code_string(SPI_result));
-	SPI_keepplan(plan);
-	return plan;
-}
-
 /*
  * DeliveryStoreBegin
  *		Start a short transaction with SPI connected.
@@ -153,7 +141,7 @@ DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head, ClaimedEve
 	{
 		Oid			types[1] = {INT4OID};
 
-		claim_plan = saved_plan(
+		claim_plan = SpiPrepareSaved(
 								"WITH due AS ("
 								"  SELECT id FROM stripe_meter.outbox"
 								"   WHERE next_attempt_at <= pg_catalog.clock_timestamp()"
@@ -373,7 +361,7 @@ DeliveryStoreRecord(ClaimedEvent *list)
 		{
 			Oid			types[4] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
 
-			delivered_plan = saved_plan(
+			delivered_plan = SpiPrepareSaved(
 										"WITH r AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]))"
 										"             AS r(id, meter_event, delivery, request_id)),"
 										" d AS (DELETE FROM stripe_meter.outbox o USING r WHERE o.id = r.id"
@@ -406,7 +394,7 @@ DeliveryStoreRecord(ClaimedEvent *list)
 		{
 			Oid			types[5] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
 
-			failed_plan = saved_plan(
+			failed_plan = SpiPrepareSaved(
 									 "WITH r AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::int[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::text[]))"
 									 "             AS r(id, reason, http_status, stripe_error, request_id)),"
 									 " d AS (DELETE FROM stripe_meter.outbox o USING r WHERE o.id = r.id"
@@ -440,7 +428,7 @@ DeliveryStoreRecord(ClaimedEvent *list)
 		{
 			Oid			types[5] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, TEXTARRAYOID, BOOLARRAYOID};
 
-			retry_plan = saved_plan(
+			retry_plan = SpiPrepareSaved(
 									"UPDATE stripe_meter.outbox o"
 									"   SET in_flight_since = NULL,"
 									"       next_attempt_at = r.next_at,"
@@ -473,7 +461,7 @@ DeliveryStoreRecord(ClaimedEvent *list)
 			Oid			types[1] = {INT8ARRAYOID};
 
 			/* never sent: undo the claim's attempt count */
-			release_plan = saved_plan(
+			release_plan = SpiPrepareSaved(
 									  "UPDATE stripe_meter.outbox o"
 									  "   SET in_flight_since = NULL,"
 									  "       attempts = o.attempts - 1,"

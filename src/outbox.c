@@ -33,8 +33,13 @@ static SPIPlanPtr meter_keys_plan = NULL;
 static SPIPlanPtr identifier_plan = NULL;
 static SPIPlanPtr insert_plan = NULL;
 
-static SPIPlanPtr
-prepare_saved(const char *sql, int nargs, Oid *argtypes)
+/*
+ * SpiPrepareSaved
+ *		Prepare a statement and keep its plan for the life of the backend.
+ *		SPI must be connected.
+ */
+SPIPlanPtr
+SpiPrepareSaved(const char *sql, int nargs, Oid *argtypes)
 {
 	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
 
@@ -63,7 +68,7 @@ OutboxLookupMeterKeys(const char *event_name, char **customer_key, char **value_
 	{
 		Oid			types[1] = {TEXTOID};
 
-		meter_keys_plan = prepare_saved(
+		meter_keys_plan = SpiPrepareSaved(
 										"SELECT customer_payload_key, value_payload_key"
 										"  FROM stripe_meter.meters WHERE event_name = $1",
 										1, types);
@@ -108,7 +113,7 @@ OutboxCheckIdentifierUnused(const char *identifier)
 	{
 		Oid			types[1] = {TEXTOID};
 
-		identifier_plan = prepare_saved(
+		identifier_plan = SpiPrepareSaved(
 										"SELECT 1 FROM stripe_meter.outbox WHERE identifier = $1"
 										" UNION ALL "
 										"SELECT 2 FROM stripe_meter.meter_events WHERE identifier = $1"
@@ -169,7 +174,7 @@ OutboxInsertEvent(const char *event_name, Jsonb *payload,
 	{
 		Oid			types[5] = {TEXTOID, JSONBOID, TEXTOID, TIMESTAMPTZOID, TEXTOID};
 
-		insert_plan = prepare_saved(
+		insert_plan = SpiPrepareSaved(
 									"INSERT INTO stripe_meter.outbox"
 									" (event_name, payload, identifier, ts, stripe_account)"
 									" VALUES ($1, $2, $3, $4, $5) RETURNING identifier",
@@ -212,7 +217,7 @@ retry_one(const char *identifier)
 	{
 		Oid			types[1] = {TEXTOID};
 
-		take_plan = prepare_saved(
+		take_plan = SpiPrepareSaved(
 								  "DELETE FROM stripe_meter.failed_events WHERE identifier = $1"
 								  " RETURNING identifier, event_name, payload, ts, stripe_account",
 								  1, types);

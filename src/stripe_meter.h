@@ -28,6 +28,7 @@
 #define STRIPE_METER_H
 
 #include "datatype/timestamp.h"
+#include "executor/spi.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "storage/latch.h"
@@ -92,6 +93,7 @@ extern void MeterEventScalarText(JsonbValue *value, StringInfo out);
 extern char *MeterEventNewIdentifier(void);
 
 /* ---- in outbox.c (enqueue-side SQL) ---- */
+extern SPIPlanPtr SpiPrepareSaved(const char *sql, int nargs, Oid *argtypes);
 extern void OutboxLookupMeterKeys(const char *event_name,
 								  char **customer_key, char **value_key);
 extern void OutboxCheckIdentifierUnused(const char *identifier);
