@@ -53,6 +53,7 @@ typedef struct KnownDatabase
 {
 	Oid			dboid;
 	bool		seen;			/* in the latest scan */
+	bool		needs_slot;		/* found while every slot was taken */
 } KnownDatabase;
 
 static HTAB *known_databases;
@@ -145,8 +146,18 @@ scan_databases(void)
 			continue;
 		db = hash_search(known_databases, &form->oid, HASH_ENTER, &found);
 		db->seen = true;
-		if (!found)
-			StripeMeterNotifyLauncher(form->oid);
+		if (!found || db->needs_slot)
+		{
+			bool		warned = found && db->needs_slot;
+
+			db->needs_slot = !StripeMeterNotifyLauncher(form->oid);
+			if (db->needs_slot && !warned)
+				ereport(WARNING,
+						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+						 errmsg("stripe_meter cannot serve database \"%s\": all %d database slots are in use",
+								NameStr(form->datname), StripeMeterShmem->nslots),
+						 errhint("Raise stripe_meter.max_databases (needs a restart).")));
+		}
 	}
 	table_endscan(scan);
 	table_close(rel, AccessShareLock);

@@ -133,7 +133,7 @@ wake_xact_callback(XactEvent event, void *arg)
 	if (latch != NULL)
 		SetLatch(latch);
 	else if (need_launcher)
-		StripeMeterNotifyLauncher(MyDatabaseId);
+		(void) StripeMeterNotifyLauncher(MyDatabaseId);
 }
 
 /*
@@ -157,15 +157,18 @@ StripeMeterWakeAtCommit(void)
 /*
  * StripeMeterNotifyLauncher
  *		Tell the launcher that this database may now need a worker.
+ *
+ * Returns false when every slot is taken (stripe_meter.max_databases).
  */
-void
+bool
 StripeMeterNotifyLauncher(Oid dboid)
 {
 	DatabaseSlot *slot;
 	Latch	   *latch;
+	bool		have_slot = true;
 
 	if (StripeMeterShmem == NULL)
-		return;
+		return false;
 	LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
 	slot = StripeMeterFindSlot(dboid);
 	if (slot != NULL)
@@ -178,6 +181,7 @@ StripeMeterNotifyLauncher(Oid dboid)
 	{
 		int			i;
 
+		have_slot = false;
 		for (i = 0; i < StripeMeterShmem->nslots; i++)
 		{
 			if (StripeMeterShmem->slots[i].state == SLOT_FREE)
@@ -186,6 +190,7 @@ StripeMeterNotifyLauncher(Oid dboid)
 				StripeMeterShmem->slots[i].dboid = dboid;
 				StripeMeterShmem->slots[i].state = SLOT_REQUESTED;
 				StripeMeterShmem->slots[i].probe_requested = true;
+				have_slot = true;
 				break;
 			}
 		}
@@ -195,6 +200,7 @@ StripeMeterNotifyLauncher(Oid dboid)
 
 	if (latch != NULL)
 		SetLatch(latch);
+	return have_slot;
 }
 
 static void

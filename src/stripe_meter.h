@@ -149,7 +149,7 @@ extern StripeMeterShared *StripeMeterShmem;
 extern void StripeMeterShmemRequest(void);
 extern void StripeMeterShmemStartup(void);
 extern void StripeMeterWakeAtCommit(void);
-extern void StripeMeterNotifyLauncher(Oid dboid);
+extern bool StripeMeterNotifyLauncher(Oid dboid);
 extern DatabaseSlot *StripeMeterFindSlot(Oid dboid);
 extern void StripeMeterSetPaused(Oid dboid, const char *reason);
 extern void StripeMeterSetLastError(Oid dboid, const char *error);
