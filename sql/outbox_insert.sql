@@ -6,22 +6,7 @@
 \set SHOW_CONTEXT never
 SET timezone = 'UTC';
 
--- try(stmt): 'ok[: first column]' or 'SQLSTATE: message', timestamps masked
-CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-	r text;
-BEGIN
-	IF stmt ~* '^\s*(SELECT|VALUES|WITH)\M' OR stmt ~* '\mRETURNING\M' THEN
-		EXECUTE stmt INTO r;
-	ELSE
-		EXECUTE stmt;
-	END IF;
-	RETURN 'ok' || coalesce(': ' || r, '');
-EXCEPTION WHEN OTHERS THEN
-	RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM,
-		'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?\+00', '<time>', 'g');
-END
-$$;
+\i sql/try_helper.include
 
 SELECT count(*) AS queued FROM stripe_meter.outbox;
 

@@ -8,22 +8,7 @@
 \set SHOW_CONTEXT never
 SET timezone = 'UTC';
 
--- try(stmt): 'ok[: first column]' or 'SQLSTATE: message'; runs as the
--- current role.
-CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-	r text;
-BEGIN
-	IF stmt ~* '^\s*(SELECT|VALUES|WITH|SHOW)\M' OR stmt ~* '\mRETURNING\M' THEN
-		EXECUTE stmt INTO r;
-	ELSE
-		EXECUTE stmt;
-	END IF;
-	RETURN 'ok' || coalesce(': ' || r, '');
-EXCEPTION WHEN OTHERS THEN
-	RETURN SQLSTATE || ': ' || SQLERRM;
-END
-$$;
+\i sql/try_helper.include
 
 -- The settings exist once the library is loaded (as it is after any call
 -- of the extension's functions); load it now so that what follows does not

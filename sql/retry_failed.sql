@@ -5,17 +5,7 @@
 \set SHOW_CONTEXT never
 SET timezone = 'UTC';
 
-CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-	r text;
-BEGIN
-	EXECUTE stmt INTO r;
-	RETURN 'ok' || coalesce(': ' || r, '');
-EXCEPTION WHEN OTHERS THEN
-	RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM,
-		'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?\+00', '<time>', 'g');
-END
-$$;
+\i sql/try_helper.include
 
 -- Failed events, as the worker records them.
 CREATE PROCEDURE pg_temp.add_failed(id text, age interval, payload jsonb DEFAULT NULL,
