@@ -24,11 +24,30 @@ else
 fi
 cd "$work"
 
-run_as "cd '$work' && make -s clean >/dev/null && make -s"
-$SUDO make -s install >/dev/null
+# PRIVATE_PG=/some/dir tests against a private, relocated copy of the server
+# installation instead of installing into the system one, so several
+# checkouts can be tested side by side without overwriting each other.
+pgc=
+if [ -n "${PRIVATE_PG:-}" ]; then
+	if [ ! -x "$PRIVATE_PG/usr/lib/postgresql/15/bin/pg_config" ]; then
+		mkdir -p "$PRIVATE_PG/usr/lib/postgresql" "$PRIVATE_PG/usr/share/postgresql" "$PRIVATE_PG/usr/include"
+		cp -a /usr/lib/postgresql/15 "$PRIVATE_PG/usr/lib/postgresql/"
+		cp -a /usr/share/postgresql/15 "$PRIVATE_PG/usr/share/postgresql/"
+		cp -a /usr/include/postgresql "$PRIVATE_PG/usr/include/"
+	fi
+	[ "$(id -u)" -eq 0 ] && chown -R "$test_user": "$PRIVATE_PG"
+	pgc="PG_CONFIG=$PRIVATE_PG/usr/lib/postgresql/15/bin/pg_config"
+fi
+
+run_as "cd '$work' && make -s $pgc clean >/dev/null && make -s $pgc"
+if [ -n "$pgc" ]; then
+	run_as "cd '$work' && make -s $pgc install >/dev/null"
+else
+	$SUDO make -s install >/dev/null
+fi
 
 status=0
-run_as "cd '$work' && make installcheck ${PROVE_TESTS:+PROVE_TESTS=\"$PROVE_TESTS\"}" || status=$?
+run_as "cd '$work' && make $pgc installcheck ${PROVE_TESTS:+PROVE_TESTS=\"$PROVE_TESTS\"}" || status=$?
 if [ $status -ne 0 ]; then
 	echo "=== tests failed ($status) ==="
 	[ -f regression.diffs ] && { echo "--- regression.diffs"; cat regression.diffs; }
