@@ -24,6 +24,10 @@ PGFILEDESC = "stripe_meter - deliver meter events to Stripe"
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 DATA = $(filter-out $(DATA_built),$(wildcard $(EXTENSION)--*--*.sql))
+# The install scripts of released versions, frozen byte for byte (see
+# released/README), so a database can still be created at an old version:
+# the upgrade test starts from one.
+DATA += $(wildcard released/$(EXTENSION)--*.sql)
 
 PG_CPPFLAGS = -Isrc -DSTRIPE_METER_VERSION='"$(EXTVERSION)"' $(shell curl-config --cflags)
 SHLIB_LINK = $(shell curl-config --libs)

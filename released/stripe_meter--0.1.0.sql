@@ -1,0 +1,230 @@
+/* stripe_meter: the complete install script for the current version */
+
+\echo Use "CREATE EXTENSION stripe_meter" to load this file. \quit
+
+-- The extension's tables and views live in their own schema, created here so
+-- that it is a member of the extension and is dropped with it.  The functions
+-- users call live in the schema the extension is created in (@extschema@).
+CREATE SCHEMA stripe_meter;
+COMMENT ON SCHEMA stripe_meter IS 'stripe_meter: outbox, delivered and failed meter events';
+REVOKE ALL ON SCHEMA stripe_meter FROM PUBLIC;
+
+-- Meters: which payload keys carry the customer and the value for an event
+-- name.  Events whose name has no row here use Stripe's defaults.
+CREATE TABLE stripe_meter.meters (
+	event_name text PRIMARY KEY
+		CHECK (pg_catalog.char_length(event_name) OPERATOR(pg_catalog.<=) 100
+			   AND event_name OPERATOR(pg_catalog.<>) ''),
+	-- brackets delimit keys in the form encoding (payload[KEY]=VALUE)
+	customer_payload_key text NOT NULL DEFAULT 'stripe_customer_id'
+		CHECK (customer_payload_key OPERATOR(pg_catalog.<>) ''
+			   AND pg_catalog.strpos(customer_payload_key, '[') OPERATOR(pg_catalog.=) 0
+			   AND pg_catalog.strpos(customer_payload_key, ']') OPERATOR(pg_catalog.=) 0),
+	value_payload_key text NOT NULL DEFAULT 'value'
+		CHECK (value_payload_key OPERATOR(pg_catalog.<>) ''
+			   AND pg_catalog.strpos(value_payload_key, '[') OPERATOR(pg_catalog.=) 0
+			   AND pg_catalog.strpos(value_payload_key, ']') OPERATOR(pg_catalog.=) 0),
+	CHECK (customer_payload_key OPERATOR(pg_catalog.<>) value_payload_key)
+);
+COMMENT ON TABLE stripe_meter.meters IS
+	'Stripe meters billed from this database: the payload keys each event name uses';
+
+-- The outbox: events recorded but not yet delivered.  Applications may INSERT
+-- into it directly; the BEFORE INSERT trigger validates each row exactly as
+-- stripe_meter_event_create() does.  Delivered and failed events move out, so
+-- the table stays small and hot.
+CREATE TABLE stripe_meter.outbox (
+	id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	identifier text NOT NULL,
+	event_name text NOT NULL,
+	payload jsonb NOT NULL,
+	ts timestamptz NOT NULL,
+	stripe_account text,
+	customer text NOT NULL,
+	enqueued_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+	attempts integer NOT NULL DEFAULT 0,
+	first_attempt_at timestamptz,
+	unknown_outcome_since timestamptz,
+	next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+	in_flight_since timestamptz,
+	last_http_status integer,
+	last_error text,
+	CONSTRAINT outbox_identifier_key UNIQUE (identifier)
+) WITH (fillfactor = 80);
+-- The worker claims the events that are due, in the order they fell due.
+CREATE INDEX outbox_due_idx ON stripe_meter.outbox (next_attempt_at);
+COMMENT ON TABLE stripe_meter.outbox IS
+	'Meter events waiting to be delivered to Stripe';
+COMMENT ON COLUMN stripe_meter.outbox.identifier IS
+	'Stripe''s event identifier, also the Idempotency-Key of every attempt';
+COMMENT ON COLUMN stripe_meter.outbox.customer IS
+	'The customer the payload names (derived from the meter''s customer key)';
+COMMENT ON COLUMN stripe_meter.outbox.first_attempt_at IS
+	'When the worker first claimed the event for sending';
+COMMENT ON COLUMN stripe_meter.outbox.unknown_outcome_since IS
+	'When an attempt first ended without a definite answer (timeout, reset, 5xx, crash); resends stay inside Stripe''s idempotency window from then';
+COMMENT ON COLUMN stripe_meter.outbox.in_flight_since IS
+	'Set while the worker has the event claimed';
+
+-- Delivered events: one row per identifier, with the object Stripe returned.
+CREATE TABLE stripe_meter.meter_events (
+	identifier text PRIMARY KEY,
+	event_name text NOT NULL,
+	payload jsonb NOT NULL,
+	ts timestamptz NOT NULL,
+	stripe_account text,
+	customer text NOT NULL,
+	meter_event jsonb,
+	-- read defensively: an odd answer must never stop recording
+	created timestamptz GENERATED ALWAYS AS
+		(CASE WHEN pg_catalog.jsonb_typeof(meter_event OPERATOR(pg_catalog.->) 'created') OPERATOR(pg_catalog.=) 'number'
+				   AND (meter_event OPERATOR(pg_catalog.->>) 'created')::numeric
+					   OPERATOR(pg_catalog.<=) 100000000000::numeric
+				   AND (meter_event OPERATOR(pg_catalog.->>) 'created')::numeric
+					   OPERATOR(pg_catalog.>=) 0::numeric
+			  THEN pg_catalog.to_timestamp((meter_event OPERATOR(pg_catalog.->>) 'created')::double precision)
+		 END) STORED,
+	livemode boolean GENERATED ALWAYS AS
+		(CASE WHEN pg_catalog.jsonb_typeof(meter_event OPERATOR(pg_catalog.->) 'livemode') OPERATOR(pg_catalog.=) 'boolean'
+			  THEN (meter_event OPERATOR(pg_catalog.->>) 'livemode')::boolean
+		 END) STORED,
+	outcome text NOT NULL
+		CHECK (outcome IN ('created', 'replayed', 'already_existed')),
+	request_id text,
+	enqueued_at timestamptz NOT NULL,
+	first_attempt_at timestamptz,
+	delivered_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	attempts integer NOT NULL
+);
+CREATE INDEX meter_events_delivered_at_idx ON stripe_meter.meter_events (delivered_at);
+COMMENT ON TABLE stripe_meter.meter_events IS
+	'Meter events Stripe accepted, with the billing.meter_event object it returned';
+COMMENT ON COLUMN stripe_meter.meter_events.meter_event IS
+	'The billing.meter_event Stripe returned; NULL when Stripe already had the identifier';
+COMMENT ON COLUMN stripe_meter.meter_events.outcome IS
+	'created: Stripe created the event; replayed: Stripe replayed its stored answer for the idempotency key; already_existed: Stripe already had the identifier';
+
+-- Failed events: could never be delivered, kept with Stripe's reason.
+CREATE TABLE stripe_meter.failed_events (
+	identifier text PRIMARY KEY,
+	event_name text NOT NULL,
+	payload jsonb NOT NULL,
+	ts timestamptz NOT NULL,
+	stripe_account text,
+	customer text NOT NULL,
+	reason text NOT NULL,
+	http_status integer,
+	stripe_error jsonb,
+	request_id text,
+	enqueued_at timestamptz NOT NULL,
+	first_attempt_at timestamptz,
+	failed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	attempts integer NOT NULL
+);
+COMMENT ON TABLE stripe_meter.failed_events IS
+	'Meter events that can never be delivered as they are, with the reason';
+
+-- pg_dump keeps the queue, the delivery record and the meters.
+SELECT pg_catalog.pg_extension_config_dump('stripe_meter.meters', '');
+SELECT pg_catalog.pg_extension_config_dump('stripe_meter.outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('stripe_meter.outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('stripe_meter.meter_events', '');
+SELECT pg_catalog.pg_extension_config_dump('stripe_meter.failed_events', '');
+
+-- Validation of every row entering the outbox.  SECURITY DEFINER so that a
+-- role allowed only to INSERT can still be checked against the meters and the
+-- delivered events without being able to read them.
+CREATE FUNCTION stripe_meter.outbox_before_insert()
+RETURNS trigger
+LANGUAGE c
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'stripe_meter_outbox_before_insert';
+REVOKE ALL ON FUNCTION stripe_meter.outbox_before_insert() FROM PUBLIC;
+
+CREATE TRIGGER outbox_validate
+	BEFORE INSERT ON stripe_meter.outbox
+	FOR EACH ROW EXECUTE FUNCTION stripe_meter.outbox_before_insert();
+
+-- The user-facing API.
+
+CREATE FUNCTION @extschema@.stripe_meter_event_create(
+	event_name text,
+	payload jsonb,
+	identifier text DEFAULT NULL,
+	ts timestamptz DEFAULT NULL,
+	stripe_account text DEFAULT NULL)
+RETURNS text
+LANGUAGE c
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'stripe_meter_event_create';
+REVOKE ALL ON FUNCTION @extschema@.stripe_meter_event_create(text, jsonb, text, timestamptz, text) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.stripe_meter_event_create(text, jsonb, text, timestamptz, text) IS
+	'Validates one meter event and queues it in the current transaction; returns its identifier';
+
+CREATE FUNCTION @extschema@.stripe_meter_event_trigger()
+RETURNS trigger
+LANGUAGE c
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'stripe_meter_event_trigger';
+REVOKE ALL ON FUNCTION @extschema@.stripe_meter_event_trigger() FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.stripe_meter_event_trigger() IS
+	'Row trigger: queues one meter event per row; arguments: event name, customer column, value column [, identifier column [, timestamp column]]';
+
+CREATE FUNCTION @extschema@.stripe_meter_retry_failed(identifier text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE c
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'stripe_meter_retry_failed';
+REVOKE ALL ON FUNCTION @extschema@.stripe_meter_retry_failed(text) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.stripe_meter_retry_failed(text) IS
+	'Moves one failed event (or all when NULL) back to the outbox; returns how many';
+
+-- What the delivery worker of this database is doing, read from shared
+-- memory.  All NULL when the library is not preloaded.
+CREATE FUNCTION stripe_meter.worker_state(
+	OUT worker_pid integer,
+	OUT paused text,
+	OUT last_error text,
+	OUT last_error_at timestamptz,
+	OUT started_at timestamptz)
+RETURNS record
+LANGUAGE c
+STABLE
+AS 'MODULE_PATHNAME', 'stripe_meter_worker_state';
+REVOKE ALL ON FUNCTION stripe_meter.worker_state() FROM PUBLIC;
+
+CREATE VIEW stripe_meter.status AS
+SELECT
+	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
+	  WHERE o.in_flight_since IS NULL) AS pending,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
+	  WHERE o.in_flight_since IS NOT NULL) AS in_flight,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.meter_events) AS delivered,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.failed_events) AS failed,
+	pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
+		(SELECT o.enqueued_at FROM stripe_meter.outbox o ORDER BY o.id LIMIT 1)
+		AS oldest_pending_age,
+	w.paused,
+	w.last_error,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.meter_events d
+	  WHERE d.delivered_at OPERATOR(pg_catalog.>)
+			(pg_catalog.now() OPERATOR(pg_catalog.-) interval '1 minute'))
+		AS delivered_last_minute,
+	w.worker_pid
+FROM stripe_meter.worker_state() w;
+COMMENT ON VIEW stripe_meter.status IS
+	'Queue depth, delivery counts and the delivery worker''s state for this database';
+
+-- Tell a running launcher that this database now has the extension.
+CREATE FUNCTION stripe_meter.launcher_notify()
+RETURNS void
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'stripe_meter_launcher_notify';
+REVOKE ALL ON FUNCTION stripe_meter.launcher_notify() FROM PUBLIC;
+SELECT stripe_meter.launcher_notify();
