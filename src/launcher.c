@@ -165,22 +165,30 @@ scan_databases(void)
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(cxt);
 
-	/* forget dropped databases, and free their idle slots */
+	/* forget databases that are gone */
 	hash_seq_init(&seq, known_databases);
 	while ((db = hash_seq_search(&seq)) != NULL)
 	{
-		if (db->seen)
-			continue;
-		LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
-		{
-			DatabaseSlot *slot = StripeMeterFindSlot(db->dboid);
-
-			if (slot != NULL && (slot->state == SLOT_REQUESTED || slot->state == SLOT_STOPPED))
-				slot->state = SLOT_FREE;
-		}
-		LWLockRelease(StripeMeterShmem->lock);
-		hash_search(known_databases, &db->dboid, HASH_REMOVE, NULL);
+		if (!db->seen)
+			hash_search(known_databases, &db->dboid, HASH_REMOVE, NULL);
 	}
+
+	/*
+	 * Free every idle slot whose database this scan did not find, including
+	 * one that CREATE EXTENSION requested for a database dropped (or closed
+	 * to connections) before any scan saw it: otherwise it would be retried
+	 * every few seconds for ever.
+	 */
+	LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < StripeMeterShmem->nslots; i++)
+	{
+		DatabaseSlot *slot = &StripeMeterShmem->slots[i];
+
+		if ((slot->state == SLOT_REQUESTED || slot->state == SLOT_STOPPED) &&
+			hash_search(known_databases, &slot->dboid, HASH_FIND, NULL) == NULL)
+			slot->state = SLOT_FREE;
+	}
+	LWLockRelease(StripeMeterShmem->lock);
 }
 
 /* start what is requested, restart what stopped; returns ms to next due */

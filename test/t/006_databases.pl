@@ -134,6 +134,28 @@ sub started_again
 ok(!started_again('db1', $db1_commits, $db1_since),
 	'db1: no worker started again after DROP EXTENSION');
 
+# A database dropped before the launcher's next scan saw it, right after
+# CREATE EXTENSION asked for a worker there: its slot must be freed, not
+# restarted every 2 s for ever with "database ... does not exist".
+{
+	$node->safe_psql('postgres', 'CREATE DATABASE shortlived');
+	my $oid = $node->safe_psql('postgres',
+		q{SELECT oid FROM pg_database WHERE datname = 'shortlived'});
+	$node->safe_psql('shortlived', 'CREATE EXTENSION stripe_meter');
+	$node->safe_psql('postgres', 'DROP DATABASE shortlived WITH (FORCE)');
+	my $gone = qr/database $oid does not exist/;
+	my $count = sub { my @m = (slurp_file($node->logfile) =~ /$gone/g); scalar @m };
+	my ($last, $quiet_since, $deadline) = ($count->(), time, time + 60);
+	while (time < $deadline && time < $quiet_since + 6)
+	{
+		sleep 0.2;
+		my $now = $count->();
+		($last, $quiet_since) = ($now, time) if $now != $last;
+	}
+	ok(time >= $quiet_since + 6,
+		"dropped database: its worker stops being restarted ($last failed starts)");
+}
+
 $node->stop;
 $mock->stop;
 done_testing();
