@@ -19,7 +19,11 @@ OBJS = \
 	src/delivery_store.o \
 	src/delivery_outcome.o \
 	src/form_encode.o \
-	src/stripe_client.o
+	src/json_encode.o \
+	src/stripe_client.o \
+	src/v2_outcome.o \
+	src/v2_session.o \
+	src/v2_stream.o
 PGFILEDESC = "stripe_meter - deliver meter events to Stripe"
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
