@@ -5,9 +5,10 @@
  *	  handle, connections reused, and one wait that covers curl's sockets
  *	  and the worker's latch together (PostgreSQL's WaitEventSet).
  *
- * Each request carries bearer authentication, the pinned Stripe-Version,
- * the event's Idempotency-Key, a User-Agent naming stripe_meter, and
- * Stripe-Account when the event has one.  TLS verification is always on;
+ * Each request carries bearer authentication (the API key, or a v2 meter
+ * event session's token), the pinned Stripe-Version, the event's
+ * Idempotency-Key when there is one, a User-Agent naming stripe_meter,
+ * and Stripe-Account when the event has one.  TLS verification is always on;
  * plain http is accepted only for loopback URLs (checked when the setting
  * is loaded).  Response bodies are capped, so a hostile or broken server
  * cannot make the worker's memory grow, and every request has a total

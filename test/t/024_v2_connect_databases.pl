@@ -110,6 +110,27 @@ is($node->safe_psql('db_v1',
 	q{SELECT DISTINCT outcome FROM stripe_meter.meter_events WHERE identifier LIKE 'later-%'}),
 	'accepted', 'db_v1 now delivers through the stream');
 
+# Set in postgresql.conf and reloaded: the worker of a database without a
+# database-level setting (postgres) finishes what it holds and is replaced
+# by one on v2; db_v2's ALTER DATABASE setting still wins over the file.
+$node->safe_psql('postgres', q{ALTER DATABASE db_v2 SET stripe_meter.api_version = 'v1'});
+$old = worker_pids($node, 'postgres')->[0];
+my $log_offset = -s $node->logfile;
+set_conf($node, 'stripe_meter.api_version' => 'v2');
+$node->wait_for_log(qr/stripe_meter worker restarts to apply stripe_meter.api_version = v2/, $log_offset);
+pass('postgres: the worker noticed the reload');
+wait_for($node, qq{SELECT count(*) FROM pg_stat_activity
+	WHERE backend_type = 'stripe_meter worker' AND datname = 'postgres' AND pid <> $old}, '1',
+	'postgres: a new worker started');
+enqueue('postgres', 'conf', 20);
+wait_for($node, q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE 'conf-%'},
+	'20', 'postgres: 20 delivered');
+is($node->safe_psql('postgres',
+	q{SELECT DISTINCT outcome FROM stripe_meter.meter_events WHERE identifier LIKE 'conf-%'}),
+	'accepted', 'postgres now delivers through the stream');
+is($node->safe_psql('db_v2', 'SHOW stripe_meter.api_version'), 'v1',
+	'a database-level setting wins over postgresql.conf');
+
 $node->stop;
 $mock->stop;
 done_testing();
