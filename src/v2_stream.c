@@ -98,8 +98,6 @@ account_for(const char *stripe_account)
 
 	if (last_account != NULL && strcmp(last_account->key, key) == 0)
 		return last_account;
-	if (strlen(key) >= ACCOUNT_KEY_LEN)
-		elog(ERROR, "Stripe account id too long: %zu bytes", strlen(key));
 	a = hash_search(accounts, key, HASH_ENTER, &found);
 	if (!found)
 	{
@@ -297,10 +295,19 @@ flush_account(V2Account *a, TimestampTz now, long *wait_ms)
 bool
 V2StreamAdd(ClaimedEvent *e)
 {
-	V2Account  *a = account_for(e->stripe_account);
+	V2Account  *a;
 	long		wait_ms = -1;
 
 	e->next = NULL;
+	if (e->stripe_account != NULL && strlen(e->stripe_account) >= ACCOUNT_KEY_LEN)
+	{
+		/* no Connect account id is this long; never mix two accounts' sessions */
+		e->outcome.verdict = VERDICT_FAIL;
+		e->outcome.reason = "not sent: the Stripe account id is too long for a meter event session";
+		hooks->event_done(e);
+		return true;
+	}
+	a = account_for(e->stripe_account);
 	if (e->v2_solo)
 	{
 		if (a->solo_tail)

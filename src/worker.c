@@ -19,6 +19,10 @@
  * Never two requests are in flight for the same (account, event name,
  * customer): Stripe allows one concurrent call per customer and meter.
  *
+ * With stripe_meter.api_version = v2 the same loop hands events to
+ * v2_stream.c, which sends them in batches on Stripe's meter event stream;
+ * the busy keys, the claim, the record and the resend window are shared.
+ *
  * Copyright (c) 2026, stripe_meter developers
  *
  * IDENTIFICATION
