@@ -148,7 +148,35 @@ is($node->safe_psql('postgres', q{
 	'400 parameter_invalid true', 'always refused: Stripe\'s status, error and message kept');
 $mock->script([]);
 
-# 4. Stripe validates stream events later: an event for a meter Stripe
+# 4. The stream refuses the token (not as expired): the session is dropped
+# and the events retried with a new one.  It answers 403: delivery pauses,
+# events stay queued, and a reload resumes it.
+my $sessions_before = $mock->stats->{sessions_created};
+$mock->script([ { match => { path => $stream }, status => 401, times => 1,
+	body => { error => { type => 'invalid_request_error', code => 'invalid_authentication_token',
+			message => 'Invalid token.' } } } ]);
+$node->safe_psql('postgres', q{
+	SELECT stripe_meter_event_create('ai_search_api',
+		'{"stripe_customer_id": "cus_Tok", "value": 1}', 'tok-1')});
+wait_for($node, q{SELECT outcome || ' ' || attempts FROM stripe_meter.meter_events WHERE identifier = 'tok-1'},
+	'accepted 2', 'token refused: delivered on the next attempt');
+cmp_ok($mock->stats->{sessions_created}, '>', $sessions_before, 'token refused: a new session');
+
+$mock->script([ { match => { path => $stream }, status => 403, times => -1,
+	body => { error => { type => 'invalid_request_error', code => 'forbidden', message => 'Not allowed.' } } } ]);
+$node->safe_psql('postgres', q{
+	SELECT stripe_meter_event_create('ai_search_api',
+		'{"stripe_customer_id": "cus_Forbid", "value": 1}', 'p-1')});
+wait_for($node, q{SELECT paused LIKE '%HTTP 403%' FROM stripe_meter.status}, 't',
+	'403: delivery paused, with the reason');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM stripe_meter.outbox WHERE identifier = 'p-1'}),
+	'1', '403: the event stays queued');
+$mock->script([]);
+$node->safe_psql('postgres', 'SELECT pg_reload_conf()');
+wait_for($node, q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier = 'p-1'}, '1',
+	'403: delivered after a reload');
+
+# 5. Stripe validates stream events later: an event for a meter Stripe
 # does not have is accepted now and reported asynchronously.
 $mock->config({ strict_meters => JSON::PP::true, meters => { ai_search_api => {} } });
 $node->safe_psql('postgres', q{
