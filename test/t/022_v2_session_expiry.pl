@@ -75,19 +75,20 @@ is($node->safe_psql('postgres',
 	q{SELECT max(attempts) FROM stripe_meter.meter_events WHERE identifier LIKE 'exp-%'}),
 	'1', '401: the refused request counted no attempt');
 
-# 3. Mid-stream: many batches in flight when every session expires.
-$mock->config({ latency_ms => 100 });
-enqueue('mid', 5000, 1000);
+# 3. Mid-stream: batches in flight when every session expires (500
+# customers, so five batches of 100 at a time, 300 ms each).
+$mock->config({ latency_ms => 300 });
+enqueue('mid', 10000, 500);
 wait_for($node, q{SELECT count(*) >= 500 FROM stripe_meter.meter_events WHERE identifier LIKE 'mid-%'},
 	't', 'mid-stream: delivery under way');
 my $rejections = $mock->stats->{session_expired_rejections};
 cmp_ok($mock->expire_sessions, '>=', 1, 'mid-stream: sessions expired');
 wait_for($node, q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE 'mid-%'},
-	'5000', 'mid-stream: all 5000 delivered');
+	'10000', 'mid-stream: all 10000 delivered');
 $stats = $mock->stats;
 cmp_ok($stats->{session_expired_rejections}, '>', $rejections,
 	'mid-stream: requests were refused with the expired token');
-is($stats->{billed}, $sent + 50 + 5000, 'every event billed once');
+is($stats->{billed}, $sent + 50 + 10000, 'every event billed once');
 is($stats->{identifiers_billed_multiple_times}, 0, 'no identifier billed twice');
 is($stats->{concurrency_violations}, 0, 'no concurrent events for one customer and meter');
 is($node->safe_psql('postgres',
