@@ -88,21 +88,26 @@ CREATE TABLE stripe_meter.meter_events (
 		(CASE WHEN pg_catalog.jsonb_typeof(meter_event OPERATOR(pg_catalog.->) 'livemode') OPERATOR(pg_catalog.=) 'boolean'
 			  THEN (meter_event OPERATOR(pg_catalog.->>) 'livemode')::boolean
 		 END) STORED,
-	outcome text NOT NULL
-		CHECK (outcome IN ('created', 'replayed', 'already_existed')),
+	outcome text NOT NULL,
 	request_id text,
 	enqueued_at timestamptz NOT NULL,
 	first_attempt_at timestamptz,
 	delivered_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-	attempts integer NOT NULL
+	attempts integer NOT NULL,
+	-- API v2: the meter event session whose token carried the event
+	session_id text,
+	CONSTRAINT meter_events_outcome_check
+		CHECK (outcome IN ('created', 'replayed', 'already_existed', 'accepted'))
 );
 CREATE INDEX meter_events_delivered_at_idx ON stripe_meter.meter_events (delivered_at);
 COMMENT ON TABLE stripe_meter.meter_events IS
 	'Meter events Stripe accepted, with the billing.meter_event object it returned';
 COMMENT ON COLUMN stripe_meter.meter_events.meter_event IS
-	'The billing.meter_event Stripe returned; NULL when Stripe already had the identifier';
+	'The billing.meter_event Stripe returned; NULL when Stripe already had the identifier or with API v2 (no per-event object)';
 COMMENT ON COLUMN stripe_meter.meter_events.outcome IS
-	'created: Stripe created the event; replayed: Stripe replayed its stored answer for the idempotency key; already_existed: Stripe already had the identifier';
+	'created: Stripe created the event; replayed: Stripe replayed its stored answer for the idempotency key; already_existed: Stripe already had the identifier; accepted: the v2 meter event stream accepted the request carrying it';
+COMMENT ON COLUMN stripe_meter.meter_events.session_id IS
+	'API v2: the id of the meter event session the event was sent with; NULL with API v1';
 
 -- Failed events: could never be delivered, kept with Stripe's reason.
 CREATE TABLE stripe_meter.failed_events (

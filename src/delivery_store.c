@@ -183,10 +183,16 @@ DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head, ClaimedEve
 		e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
 		d = SPI_getbinval(tup, desc, 9, &isnull);
 		e->unknown_outcome_since = isnull ? 0 : DatumGetTimestampTz(d);
-		e->body = FormEncodeMeterEvent(e->event_name,
-									   DatumGetJsonbP(SPI_getbinval(tup, desc, 4, &isnull)),
-									   e->identifier, e->ts,
-									   SPI_getvalue(tup, desc, 10));
+		if (stripe_meter_api_version == STRIPE_API_V2)
+			e->body = JsonEncodeMeterEvent(e->event_name,
+										   DatumGetJsonbP(SPI_getbinval(tup, desc, 4, &isnull)),
+										   e->identifier, e->ts,
+										   SPI_getvalue(tup, desc, 10));
+		else
+			e->body = FormEncodeMeterEvent(e->event_name,
+										   DatumGetJsonbP(SPI_getbinval(tup, desc, 4, &isnull)),
+										   e->identifier, e->ts,
+										   SPI_getvalue(tup, desc, 10));
 		e->idempotency_key = FormEncodeIdempotencyKey(e->identifier);
 		e->busy_key = busy_key_of(e->stripe_account, e->event_name, e->customer);
 
@@ -253,9 +259,11 @@ DeliveryStoreRecord(ClaimedEvent *list)
 	Datum	   *d_id,
 			   *d_obj,
 			   *d_how,
-			   *d_req;
+			   *d_req,
+			   *d_ses;
 	bool	   *d_objn,
-			   *d_reqn;
+			   *d_reqn,
+			   *d_sesn;
 	Datum	   *f_id,
 			   *f_reason,
 			   *f_status,
@@ -284,8 +292,10 @@ DeliveryStoreRecord(ClaimedEvent *list)
 	d_obj = palloc(sizeof(Datum) * n);
 	d_how = palloc(sizeof(Datum) * n);
 	d_req = palloc(sizeof(Datum) * n);
+	d_ses = palloc(sizeof(Datum) * n);
 	d_objn = palloc(sizeof(bool) * n);
 	d_reqn = palloc(sizeof(bool) * n);
+	d_sesn = palloc(sizeof(bool) * n);
 	f_id = palloc(sizeof(Datum) * n);
 	f_reason = palloc(sizeof(Datum) * n);
 	f_status = palloc(sizeof(Datum) * n);
@@ -314,6 +324,7 @@ DeliveryStoreRecord(ClaimedEvent *list)
 				d_obj[nd] = text_or_null(o->response_json, &d_objn[nd]);
 				d_how[nd] = CStringGetTextDatum(o->delivery);
 				d_req[nd] = text_or_null(o->request_id, &d_reqn[nd]);
+				d_ses[nd] = text_or_null(o->session_id, &d_sesn[nd]);
 				nd++;
 				break;
 			case VERDICT_FAIL:
@@ -355,32 +366,34 @@ DeliveryStoreRecord(ClaimedEvent *list)
 
 	if (nd > 0)
 	{
-		Datum		args[4];
+		Datum		args[5];
 
 		if (delivered_plan == NULL)
 		{
-			Oid			types[4] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+			Oid			types[5] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
 
 			delivered_plan = SpiPrepareSaved(
-										"WITH r AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]))"
-										"             AS r(id, meter_event, delivery, request_id)),"
+										"WITH r AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::text[]))"
+										"             AS r(id, meter_event, delivery, request_id, session_id)),"
 										" d AS (DELETE FROM stripe_meter.outbox o USING r WHERE o.id = r.id"
 										"       RETURNING o.identifier, o.event_name, o.payload, o.ts, o.stripe_account,"
 										"                 o.customer, o.enqueued_at, o.first_attempt_at, o.attempts,"
-										"                 r.meter_event, r.delivery, r.request_id)"
+										"                 r.meter_event, r.delivery, r.request_id, r.session_id)"
 										" INSERT INTO stripe_meter.meter_events"
 										"  (identifier, event_name, payload, ts, stripe_account, customer, meter_event,"
-										"   outcome, request_id, enqueued_at, first_attempt_at, attempts)"
+										"   outcome, request_id, enqueued_at, first_attempt_at, attempts, session_id)"
 										" SELECT identifier, event_name, payload, ts, stripe_account, customer,"
-										"        meter_event::jsonb, delivery, request_id, enqueued_at, first_attempt_at, attempts"
+										"        meter_event::jsonb, delivery, request_id, enqueued_at, first_attempt_at, attempts,"
+										"        session_id"
 										"   FROM d"
 										" ON CONFLICT (identifier) DO NOTHING",
-										4, types);
+										5, types);
 		}
 		args[0] = PointerGetDatum(int8_array(d_id, nd));
 		args[1] = PointerGetDatum(text_array(d_obj, d_objn, nd));
 		args[2] = PointerGetDatum(text_array(d_how, NULL, nd));
 		args[3] = PointerGetDatum(text_array(d_req, d_reqn, nd));
+		args[4] = PointerGetDatum(text_array(d_ses, d_sesn, nd));
 		rc = SPI_execute_plan(delivered_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not record delivered meter events: %s", SPI_result_code_string(rc));

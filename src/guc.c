@@ -45,6 +45,14 @@ int			stripe_meter_resend_window = 23 * 3600;
 int			stripe_meter_delivered_retention = 7 * 24 * 60;
 int			stripe_meter_max_databases = 16;
 int			stripe_meter_launcher_naptime = 10000;
+int			stripe_meter_api_version = STRIPE_API_V1;
+char	   *stripe_meter_stream_url = NULL;
+
+static const struct config_enum_entry api_version_options[] = {
+	{"v1", STRIPE_API_V1, false},
+	{"v2", STRIPE_API_V2, false},
+	{NULL, 0, false}
+};
 
 static bool check_api_url(char **newval, void **extra, GucSource source);
 static bool check_ca_file(char **newval, void **extra, GucSource source);
@@ -225,7 +233,8 @@ show_api_key(void)
  *		The client-side limit in calls per second; 0 means none.
  *
  * By default it follows the key's mode: Stripe allows 1,000 meter-event
- * calls per second in live mode, while test mode shares the basic 25/s.
+ * calls per second in live mode (10,000 meter event stream requests with
+ * API v2), while test mode shares the basic 25/s.
  */
 int
 StripeMeterEffectiveRateLimit(void)
@@ -235,7 +244,7 @@ StripeMeterEffectiveRateLimit(void)
 	if (stripe_meter_rate_limit >= 0)
 		return stripe_meter_rate_limit;
 	if (key != NULL && strstr(key, "_live_") != NULL)
-		return 1000;
+		return stripe_meter_api_version == STRIPE_API_V2 ? 10000 : 1000;
 	return 25;
 }
 
@@ -347,6 +356,20 @@ StripeMeterDefineSettings(void)
 							NULL,
 							&stripe_meter_launcher_naptime, 10000, 100, 3600000,
 							PGC_SIGHUP, GUC_UNIT_MS | GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	/* per database: ALTER DATABASE ... SET, read when the worker connects */
+	DefineCustomEnumVariable("stripe_meter.api_version",
+							 "Sets which Stripe API delivers this database's meter events.",
+							 "v1 sends one event per request; v2 sends batches of up to 100 through a meter event stream session.  The worker reads it when it starts.",
+							 &stripe_meter_api_version, STRIPE_API_V1, api_version_options,
+							 PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("stripe_meter.stream_url",
+							   "Sets the base URL of Stripe's meter event stream (API v2).",
+							   "https is required, except for a loopback address.",
+							   &stripe_meter_stream_url, "https://meter-events.stripe.com",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   check_api_url, NULL, NULL);
 
 	/* sizes shared memory, so it exists only when preloading */
 	if (process_shared_preload_libraries_in_progress)

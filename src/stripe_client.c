@@ -5,9 +5,10 @@
  *	  handle, connections reused, and one wait that covers curl's sockets
  *	  and the worker's latch together (PostgreSQL's WaitEventSet).
  *
- * Each request carries bearer authentication, the pinned Stripe-Version,
- * the event's Idempotency-Key, a User-Agent naming stripe_meter, and
- * Stripe-Account when the event has one.  TLS verification is always on;
+ * Each request carries bearer authentication (the API key, or a v2 meter
+ * event session's token), the pinned Stripe-Version, the event's
+ * Idempotency-Key when there is one, a User-Agent naming stripe_meter,
+ * and Stripe-Account when the event has one.  TLS verification is always on;
  * plain http is accepted only for loopback URLs (checked when the setting
  * is loaded).  Response bodies are capped, so a hostile or broken server
  * cannot make the worker's memory grow, and every request has a total
@@ -59,6 +60,7 @@ typedef struct StripeRequest
 	bool		replayed;
 	char		request_id[64];
 	char		errbuf[CURL_ERROR_SIZE];
+	StripeDoneCallback done;	/* NULL: the one given to StripeClientWait */
 	struct StripeRequest *next_free;
 } StripeRequest;
 
@@ -294,6 +296,7 @@ take_request(void)
 	}
 	req->headers = NULL;
 	req->owner = NULL;
+	req->done = NULL;
 	req->truncated = false;
 	req->should_retry = 0;
 	req->replayed = false;
@@ -339,7 +342,8 @@ add_header(struct curl_slist *list, const char *fmt, const char *value)
 
 /*
  * StripeClientStart
- *		Put one POST in flight.  body must stay valid until the done
+ *		Put one form-encoded POST to stripe_meter.api_url in flight, with the
+ *		API key and an Idempotency-Key.  body must stay valid until the done
  *		callback for owner has run.  Returns false if curl refused it (the
  *		done callback is then not called).
  */
@@ -347,19 +351,45 @@ bool
 StripeClientStart(void *owner, const char *path, const char *body,
 				  const char *idempotency_key, const char *stripe_account)
 {
+	StripeRequestSpec spec;
+
+	memset(&spec, 0, sizeof(spec));
+	spec.owner = owner;
+	spec.base_url = stripe_meter_api_url;
+	spec.path = path;
+	spec.body = body;
+	spec.content_type = "application/x-www-form-urlencoded";
+	spec.idempotency_key = idempotency_key;
+	spec.stripe_account = stripe_account;
+	return StripeClientStartRequest(&spec);
+}
+
+/*
+ * StripeClientStartRequest
+ *		Put one POST in flight as spec says.  The bearer is the API key
+ *		unless spec->bearer names another credential (a v2 session token).
+ *		Same contract as StripeClientStart; spec->done, when set, is called
+ *		for this request instead of the callback given to StripeClientWait.
+ */
+bool
+StripeClientStartRequest(const StripeRequestSpec *spec)
+{
 	StripeRequest *req = take_request();
 	CURL	   *e = req->easy;
-	char	   *url = psprintf("%s%s", stripe_meter_api_url, path);
+	char	   *url = psprintf("%s%s", spec->base_url, spec->path);
+	const char *body = spec->body;
 
-	req->owner = owner;
-	req->headers = add_header(NULL, "Authorization: Bearer %s", stripe_meter_api_key);
+	req->owner = spec->owner;
+	req->done = spec->done;
+	req->headers = add_header(NULL, "Authorization: Bearer %s",
+							  spec->bearer ? spec->bearer : stripe_meter_api_key);
 	req->headers = add_header(req->headers, "Stripe-Version: %s", stripe_meter_stripe_version);
-	req->headers = add_header(req->headers, "Idempotency-Key: %s", idempotency_key);
-	if (stripe_account != NULL)
-		req->headers = add_header(req->headers, "Stripe-Account: %s", stripe_account);
+	if (spec->idempotency_key != NULL)
+		req->headers = add_header(req->headers, "Idempotency-Key: %s", spec->idempotency_key);
+	if (spec->stripe_account != NULL)
+		req->headers = add_header(req->headers, "Stripe-Account: %s", spec->stripe_account);
 	req->headers = add_header(req->headers, "Accept: %s", "application/json");
-	req->headers = add_header(req->headers, "Content-Type: %s",
-							  "application/x-www-form-urlencoded");
+	req->headers = add_header(req->headers, "Content-Type: %s", spec->content_type);
 	req->headers = add_header(req->headers, "Expect:%s", "");
 
 	curl_easy_setopt(e, CURLOPT_URL, url);
@@ -469,7 +499,7 @@ drain_finished(StripeDoneCallback done)
 
 		curl_multi_remove_handle(multi, req->easy);
 		in_flight--;
-		done(req->owner, &http);
+		(req->done ? req->done : done) (req->owner, &http);
 		give_back_request(req);
 	}
 }

@@ -67,6 +67,15 @@ extern int	stripe_meter_resend_window;
 extern int	stripe_meter_delivered_retention;
 extern int	stripe_meter_max_databases;
 extern int	stripe_meter_launcher_naptime;
+extern int	stripe_meter_api_version;
+extern char *stripe_meter_stream_url;
+
+/* stripe_meter.api_version */
+typedef enum StripeApiVersion
+{
+	STRIPE_API_V1 = 1,			/* POST /v1/billing/meter_events, one event */
+	STRIPE_API_V2				/* meter event stream, batches of 100 */
+} StripeApiVersion;
 
 extern void StripeMeterDefineSettings(void);
 extern bool StripeMeterUrlIsAllowed(const char *url, const char **why);
@@ -176,7 +185,9 @@ typedef enum DeliveryVerdict
 typedef struct DeliveryOutcome
 {
 	DeliveryVerdict verdict;
-	const char *delivery;		/* created, replayed, already_existed */
+	const char *delivery;		/* created, replayed, already_existed,
+								 * accepted (v2) */
+	const char *session_id;		/* v2: the meter event session used */
 	bool		rate_limited;	/* a 429: slow the whole sender down */
 	bool		outcome_unknown;	/* Stripe may have processed it */
 	bool		retry_now;		/* Stripe-Should-Retry: true */
@@ -209,9 +220,16 @@ typedef struct ClaimedEvent
 	TimestampTz unknown_outcome_since;	/* 0 when every attempt had an answer */
 	int			attempts;
 	bool		sent;			/* handed to the network by this worker */
+	bool		v2_solo;		/* v2: send in a request of its own */
 	DeliveryOutcome outcome;
 	struct ClaimedEvent *next;	/* queue links */
 } ClaimedEvent;
+
+/* ---- in json_encode.c ---- */
+extern void JsonAppendRfc3339(StringInfo buf, TimestampTz ts);
+extern char *JsonEncodeMeterEvent(const char *event_name, Jsonb *payload,
+								  const char *identifier, TimestampTz ts,
+								  const char *value_key);
 
 /* ---- in form_encode.c ---- */
 extern char *FormEncodeMeterEvent(const char *event_name, Jsonb *payload,
@@ -255,9 +273,90 @@ extern void StripeClientInit(void);
 extern bool StripeClientStart(void *owner, const char *path, const char *body,
 							  const char *idempotency_key,
 							  const char *stripe_account);
+
+/* One POST: where to, what, and with which credentials and headers. */
+typedef struct StripeRequestSpec
+{
+	void	   *owner;
+	StripeDoneCallback done;	/* NULL: the callback given to the wait */
+	const char *base_url;		/* stripe_meter.api_url or .stream_url */
+	const char *path;
+	const char *body;
+	const char *content_type;
+	const char *bearer;			/* NULL: the API key */
+	const char *idempotency_key;	/* NULL: none */
+	const char *stripe_account; /* NULL: none */
+} StripeRequestSpec;
+
+extern bool StripeClientStartRequest(const StripeRequestSpec *spec);
 extern int	StripeClientInFlight(void);
 extern bool StripeClientWait(long timeout_ms, StripeDoneCallback done);
 extern void StripeClientSettingsChanged(void);
 extern void StripeClientAppendEscaped(StringInfo buf, const char *s, int len);
+
+/* ---- API v2: the meter event stream ---- */
+
+#define V2_MAX_BATCH_EVENTS	100 /* Stripe's limit per stream request */
+
+/* ---- in v2_outcome.c ---- */
+typedef struct V2SessionAnswer
+{
+	char	   *id;
+	char	   *token;
+	int64		lifetime_ms;	/* expires_at - created, as Stripe says */
+} V2SessionAnswer;
+
+typedef enum V2StreamVerdict
+{
+	V2_STREAM_ACCEPTED,			/* every event of the request accepted */
+	V2_STREAM_SESSION_EXPIRED,	/* nothing processed: renew, resend at once */
+	V2_STREAM_TOKEN_REFUSED,	/* drop the session; the outcome says retry */
+	V2_STREAM_REFUSED,			/* the request as sent can never succeed */
+	V2_STREAM_OTHER				/* the outcome applies to every event */
+} V2StreamVerdict;
+
+extern bool V2ClassifySession(const HttpResult *http, V2SessionAnswer *session,
+							  DeliveryOutcome *outcome);
+extern V2StreamVerdict V2ClassifyStream(const HttpResult *http,
+										DeliveryOutcome *outcome);
+
+/* What the v2 sender needs from the worker. */
+typedef struct V2Hooks
+{
+	/* the outcome is filled in: record it (and free the busy key) */
+	void		(*event_done) (ClaimedEvent *e);
+	/* not processed by Stripe: free the busy key and send it again soon */
+	void		(*event_requeue) (ClaimedEvent *e);
+	/* one token of the request rate limiter, or when the next comes */
+	bool		(*take_token) (TimestampTz now, long *wait_ms);
+	/* a session could not be created: pause, slow down, report */
+	void		(*session_trouble) (const DeliveryOutcome *outcome);
+} V2Hooks;
+
+/* ---- in v2_session.c: one meter event session per Connect account ---- */
+typedef struct V2Session
+{
+	char	   *account;		/* Stripe-Account; NULL: the key's own */
+	char	   *token;			/* a credential: never logged; NULL: none */
+	char	   *id;
+	uint64		generation;		/* bumped for every new session */
+	TimestampTz renew_at;		/* local clock: ask for the next from then */
+	TimestampTz expires_at;		/* local clock, with a safety margin */
+	bool		creating;		/* a creation request is in flight */
+	TimestampTz retry_at;		/* after a failed creation */
+	int			failures;
+} V2Session;
+
+extern void V2SessionSetup(MemoryContext cxt, const V2Hooks *hooks);
+extern void V2SessionInit(V2Session *s, const char *account);
+extern bool V2SessionUsable(V2Session *s, TimestampTz now, long *wait_ms);
+extern void V2SessionExpired(V2Session *s, uint64 generation);
+
+/* ---- in v2_stream.c: batches of events on the meter event stream ---- */
+extern void V2StreamInit(MemoryContext parent, const V2Hooks *hooks);
+extern bool V2StreamAdd(ClaimedEvent *e);
+extern long V2StreamFlush(void);
+extern int	V2StreamUnsent(void);
+extern void V2StreamReleaseUnsent(void);
 
 #endif							/* STRIPE_METER_H */

@@ -19,6 +19,10 @@
  * Never two requests are in flight for the same (account, event name,
  * customer): Stripe allows one concurrent call per customer and meter.
  *
+ * With stripe_meter.api_version = v2 the same loop hands events to
+ * v2_stream.c, which sends them in batches on Stripe's meter event stream;
+ * the busy keys, the claim, the record and the resend window are shared.
+ *
  * Copyright (c) 2026, stripe_meter developers
  *
  * IDENTIFICATION
@@ -80,6 +84,8 @@ static TimestampTz next_poll_at = 0;
 static TimestampTz next_purge_at = 0;
 static char pause_reason[WORKER_TEXT_LEN];
 static bool extension_absent = false;	/* exit frees the slot for good */
+static int	api_version;		/* stripe_meter.api_version when we started */
+static bool api_switch_pending = false; /* it changed: drain, then exit */
 
 /* the sender's rate limiter: a token bucket that backs off on 429 */
 static double limiter_tokens = 0;
@@ -292,18 +298,14 @@ release_busy_key(uint64 key)
 }
 
 /*
- * stripe_client.c calls this once per finished request, in the worker's
- * loop (never inside a transaction).
+ * An attempt of e ended with e->outcome filled in: slow down, pause or
+ * report as it says, fail a retry that would leave the resend window, and
+ * let the next event for its customer and meter go.
  */
 static void
-request_done(void *owner, const HttpResult *http)
+settle_event(ClaimedEvent *e)
 {
-	ClaimedEvent *e = owner;
-	MemoryContext old = MemoryContextSwitchTo(e->batch->cxt);
 	TimestampTz now = GetCurrentTimestamp();
-
-	DeliveryClassify(http, e->identifier, &e->outcome);
-	MemoryContextSwitchTo(old);
 
 	if (e->outcome.rate_limited)
 		limiter_on_429(now);
@@ -341,6 +343,67 @@ request_done(void *owner, const HttpResult *http)
 
 	release_busy_key(e->busy_key);
 	finish_event(e);
+}
+
+/*
+ * stripe_client.c calls this once per finished request, in the worker's
+ * loop (never inside a transaction).
+ */
+static void
+request_done(void *owner, const HttpResult *http)
+{
+	ClaimedEvent *e = owner;
+	MemoryContext old = MemoryContextSwitchTo(e->batch->cxt);
+
+	DeliveryClassify(http, e->identifier, &e->outcome);
+	MemoryContextSwitchTo(old);
+	settle_event(e);
+}
+
+/* v2: Stripe did not process e (its session expired): send it again soon */
+static void
+requeue_event(ClaimedEvent *e)
+{
+	release_busy_key(e->busy_key);
+	queue_push_front(&ready, e);
+}
+
+/* v2: a meter event session could not be created */
+static void
+session_trouble(const DeliveryOutcome *outcome)
+{
+	if (outcome->rate_limited)
+		limiter_on_429(GetCurrentTimestamp());
+	if (outcome->verdict == VERDICT_PAUSE)
+		set_paused(outcome->reason);
+	else
+		StripeMeterSetLastError(MyDatabaseId, outcome->reason);
+}
+
+/* v2: a token for one stream request */
+static bool
+take_request_token(TimestampTz now, long *wait_ms)
+{
+	if (!limiter_take(now, wait_ms))
+		return false;
+	sent_this_second++;
+	return true;
+}
+
+static const V2Hooks v2_hooks = {
+	.event_done = settle_event,
+	.event_requeue = requeue_event,
+	.take_token = take_request_token,
+	.session_trouble = session_trouble,
+};
+
+/* how many claimed events the worker may hold: enough to fill the window */
+static int
+hold_limit(void)
+{
+	if (api_version == STRIPE_API_V2)
+		return stripe_meter_max_in_flight * V2_MAX_BATCH_EVENTS * 2;
+	return stripe_meter_max_in_flight * 2;
 }
 
 /*
@@ -396,7 +459,7 @@ start_requests(void)
 			continue;
 		}
 
-		if (!limiter_take(now, &wait_ms))
+		if (api_version != STRIPE_API_V2 && !limiter_take(now, &wait_ms))
 		{
 			if (bk->waiting.n == 0)
 				hash_search(busy_keys, &e->busy_key, HASH_REMOVE, NULL);
@@ -404,6 +467,22 @@ start_requests(void)
 			break;
 		}
 		bk->in_flight = true;
+
+		if (api_version == STRIPE_API_V2)
+		{
+			e->sent = true;
+			if (!V2StreamAdd(e))
+			{
+				/* its account's batch is full and cannot go yet */
+				e->sent = false;
+				bk->in_flight = false;
+				if (bk->waiting.n == 0)
+					hash_search(busy_keys, &e->busy_key, HASH_REMOVE, NULL);
+				queue_push_front(&ready, e);
+				break;
+			}
+			continue;
+		}
 
 		e->sent = true;
 		sent_this_second++;
@@ -416,6 +495,13 @@ start_requests(void)
 			finish_event(e);
 		}
 	}
+	if (api_version == STRIPE_API_V2 && pause_reason[0] == '\0')
+	{
+		long		v2_wait = V2StreamFlush();
+
+		if (v2_wait >= 0 && (wait_ms < 0 || v2_wait < wait_ms))
+			wait_ms = v2_wait;
+	}
 	return wait_ms;
 }
 
@@ -427,6 +513,8 @@ release_unsent(void)
 	HASH_SEQ_STATUS seq;
 	BusyKey    *bk;
 
+	if (api_version == STRIPE_API_V2)
+		V2StreamReleaseUnsent();
 	while ((e = queue_pop(&ready)) != NULL)
 	{
 		e->outcome.verdict = VERDICT_RELEASE;
@@ -490,7 +578,7 @@ record_finished(void)
 static void
 claim_more(MemoryContext parent)
 {
-	int			room = stripe_meter_max_in_flight * 2 - held;
+	int			room = hold_limit() - held;
 	int			want = Min(room, stripe_meter_claim_batch_size);
 	ClaimBatch *batch;
 	ClaimedEvent *head = NULL;
@@ -697,6 +785,11 @@ StripeMeterWorkerMain(Datum main_arg)
 	StripeClientInit();
 	StripeClientSettingsChanged();
 
+	/* read once: a change needs a new worker (see the reload below) */
+	api_version = stripe_meter_api_version;
+	if (api_version == STRIPE_API_V2)
+		V2StreamInit(worker_cxt, &v2_hooks);
+
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(uint64);
 	ctl.entrysize = sizeof(BusyKey);
@@ -704,8 +797,13 @@ StripeMeterWorkerMain(Datum main_arg)
 	busy_keys = hash_create("stripe_meter busy customers", 1024, &ctl,
 							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
-	ereport(LOG,
-			(errmsg("stripe_meter worker started delivering to %s", stripe_meter_api_url)));
+	if (api_version == STRIPE_API_V2)
+		ereport(LOG,
+				(errmsg("stripe_meter worker started delivering to the meter event stream at %s (API v2)",
+						stripe_meter_stream_url)));
+	else
+		ereport(LOG,
+				(errmsg("stripe_meter worker started delivering to %s", stripe_meter_api_url)));
 	set_paused(settings_problem());
 
 	ready_now = true;
@@ -725,16 +823,29 @@ StripeMeterWorkerMain(Datum main_arg)
 			/* a reload is how a key or URL problem gets fixed: try again */
 			set_paused(settings_problem());
 			ready_now = true;
+			if (stripe_meter_api_version != api_version && !api_switch_pending)
+			{
+				api_switch_pending = true;
+				ereport(LOG,
+						(errmsg("stripe_meter worker restarts to apply stripe_meter.api_version = %s",
+								stripe_meter_api_version == STRIPE_API_V2 ? "v2" : "v1"),
+						 errdetail("Events already claimed are delivered first.")));
+			}
 		}
+
+		/* a new API: finish what is claimed, then let a new worker start */
+		if (api_switch_pending && held == 0 && StripeClientInFlight() == 0)
+			proc_exit(1);
 
 		now = GetCurrentTimestamp();
 		limiter_tick(now);
 
 		if (pause_reason[0] != '\0')
 			release_unsent();
-		else if (ready_now || !claim_exhausted || now >= next_poll_at)
+		else if (!api_switch_pending &&
+				 (ready_now || !claim_exhausted || now >= next_poll_at))
 		{
-			if (held < stripe_meter_max_in_flight * 2)
+			if (held < hold_limit())
 			{
 				claim_more(worker_cxt);
 				ready_now = false;
@@ -761,11 +872,12 @@ StripeMeterWorkerMain(Datum main_arg)
 		/* how long to wait: a record, a token, more to claim, or the poll */
 		if (finished.n > 0)
 			timeout = RECORD_DELAY_MS;
-		else if (ready.n > 0 && pause_reason[0] == '\0' && limiter_wait >= 0 &&
+		else if ((ready.n > 0 || V2StreamUnsent() > 0) &&
+				 pause_reason[0] == '\0' && limiter_wait >= 0 &&
 				 StripeClientInFlight() < stripe_meter_max_in_flight)
 			timeout = limiter_wait;
 		else if (!claim_exhausted && pause_reason[0] == '\0' &&
-				 held < stripe_meter_max_in_flight * 2)
+				 held < hold_limit())
 			timeout = 0;
 		else if (claim_exhausted && pause_reason[0] == '\0')
 		{

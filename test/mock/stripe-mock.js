@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // stripe-mock.js: a Stripe-compatible mock of POST /v1/billing/meter_events
-// for stripe_meter's tests and benchmarks.
+// and of API v2's meter event session and stream, for stripe_meter's tests
+// and benchmarks.
 //
 // Built-in modules only (Node 18+). Binds to loopback only.
 // See test/mock/README.md for the CLI, the control API and the fault names.
@@ -55,6 +56,7 @@ function defaultConfig() {
     max_body_bytes: 1048576,
     default_stripe_version: DEFAULT_STRIPE_VERSION,
     down: false,
+    session_ttl_s: 900,
   };
 }
 
@@ -264,6 +266,14 @@ function newStats() {
     distinct_idempotency_keys_per_identifier_max: 0,
     identifiers_billed_under_multiple_keys: 0,
     identifiers_billed_multiple_times: 0,
+    sessions_created: 0,
+    session_expired_rejections: 0,
+    session_token_rejections: 0,
+    stream_requests: 0,
+    stream_events: 0,
+    stream_max_batch: 0,
+    stream_duplicates_dropped: 0,
+    async_errors: 0,
   };
 }
 
@@ -280,6 +290,8 @@ function newState(cfg) {
     slots: new Set(),       // account|mode|customer|event_name being processed
     rl: new Map(),          // account|mode -> {buf, i}
     scripts: [],
+    sessions: new Map(),    // v2 session token -> MeterEventSession
+    asyncErrors: [],        // v2 events refused after acceptance
     log: new Array(cfg.request_log_size),
     logPos: 0,
     logCount: 0,
@@ -320,7 +332,7 @@ const CONFIG_TYPES = {
   any_customer: 'bool', idempotency_ttl_s: 'nonneg', identifier_ttl_s: 'nonneg',
   timestamp_past_s: 'nonneg', timestamp_future_s: 'nonneg',
   request_log_size: 'count', max_body_bytes: 'posint',
-  default_stripe_version: 'string', down: 'bool',
+  default_stripe_version: 'string', down: 'bool', session_ttl_s: 'posint',
 };
 
 function checkValue(type, k, v) {
@@ -423,10 +435,11 @@ function resetSocket(sock) {
 
 // Endpoint handlers, keyed by "METHOD path". Each handler gets a ctx that has
 // already passed faults, routing, authentication and rate limiting.
-// Future: 'POST /v1/billing/meter_event_adjustments', 'GET /v1/billing/meters',
-// 'POST /v2/billing/meter_event_session', 'POST /v2/billing/meter_event_stream'.
+// Future: 'POST /v1/billing/meter_event_adjustments', 'GET /v1/billing/meters'.
 const ROUTES = {
   'POST /v1/billing/meter_events': handleMeterEvents,
+  'POST /v2/billing/meter_event_session': handleMeterEventSession,
+  'POST /v2/billing/meter_event_stream': handleMeterEventStream,
 };
 
 function onStripeRequest(req, res, path) {
@@ -579,12 +592,15 @@ function handleStripe(ctx) {
       '). Please see https://stripe.com/docs or we can help at https://support.stripe.com/.'));
   }
 
-  // 2. Authentication.
-  if (!authenticate(ctx)) return;
+  // 2. Authentication: the stream takes a session token, the rest the key.
+  const streamed = ctx.path === STREAM_PATH;
+  if (streamed ? !authenticateSession(ctx) : !authenticate(ctx)) return;
 
   // Connect header and generic header checks.
-  const sa = ctx.headers['stripe-account'];
-  if (sa !== undefined) {
+  const sa = streamed ? undefined : ctx.headers['stripe-account'];
+  if (streamed) {
+    // the session is bound to its account
+  } else if (sa !== undefined) {
     if (!ACCOUNT_RE.test(sa)) {
       st.stats.auth_errors++;
       return reply(ctx, 403, stripeError('invalid_request_error',
@@ -700,7 +716,7 @@ class IdemEntry {
 
 class EventRecord {
   constructor(identifier, eventName, payload, timestamp, account, livemode, idemKey,
-    stripeVersion, userAgent, apiKey, requestId, billedAt) {
+    stripeVersion, userAgent, apiKey, requestId, billedAt, sessionId) {
     this.identifier = identifier;
     this.event_name = eventName;
     this.payload = payload;
@@ -713,6 +729,7 @@ class EventRecord {
     this.api_key = apiKey;
     this.request_id = requestId;
     this.billed_at = billedAt;
+    this.session_id = sessionId || null;  // v2 stream: the session used
   }
 }
 
@@ -1067,6 +1084,257 @@ function trackKey(st, info, key) {
 }
 
 // ---------------------------------------------------------------------------
+// API v2: POST /v2/billing/meter_event_session, POST /v2/billing/meter_event_stream
+// ---------------------------------------------------------------------------
+
+const STREAM_PATH = '/v2/billing/meter_event_stream';
+const V2_MAX_EVENTS = 100;
+const V2_EVENT_KEYS = new Set(['event_name', 'identifier', 'payload', 'timestamp']);
+const RFC3339_RE = /^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/;
+
+class MeterEventSession {
+  constructor(id, token, account, stripeAccount, keyAccount, mode, apiKey, created, expiresAt) {
+    this.id = id;
+    this.token = token;
+    this.account = account;          // account|mode, as ctx.account
+    this.stripeAccount = stripeAccount;
+    this.keyAccount = keyAccount;
+    this.mode = mode;
+    this.apiKey = apiKey;
+    this.created = created;          // ms
+    this.expiresAt = expiresAt;      // ms
+    this.expired = false;            // expired on demand
+  }
+}
+
+function sessionInfo(s) {
+  return { id: s.id, account: s.stripeAccount || s.keyAccount, livemode: s.mode === 'live',
+    created: new Date(s.created).toISOString(), expires_at: new Date(s.expiresAt).toISOString(),
+    expired: s.expired || Date.now() >= s.expiresAt };
+}
+
+// Expire every session (or those of one account) now; returns how many.
+function expireSessions(account) {
+  let n = 0;
+  for (const s of state.sessions.values()) {
+    if (s.expired || (account && (s.stripeAccount || s.keyAccount) !== account)) continue;
+    s.expired = true;
+    n++;
+  }
+  return n;
+}
+
+// API v2 error body: {"error":{"type"?,"code","message","doc_url"?}}.
+function v2Error(code, message, type, docUrl) {
+  const e = { code, message };
+  if (type) e.type = type;
+  if (docUrl) e.doc_url = docUrl;
+  return { error: e };
+}
+
+function isMediaJson(ct) {
+  if (ct === undefined) return false;
+  return /^application\/json\s*(;.*)?$/i.test(ct.trim());
+}
+
+// Session token authentication for the stream.
+function authenticateSession(ctx) {
+  const st = ctx.st;
+  const token = bearerKey(ctx.headers.authorization);
+  const s = token ? st.sessions.get(token) : undefined;
+  if (!s) {
+    st.stats.session_token_rejections++;
+    reply(ctx, 401, v2Error('invalid_authentication_token',
+      'The provided authentication token is not valid for the meter event stream. Create a meter event session with POST /v2/billing/meter_event_session and use its authentication_token.',
+      'invalid_request_error'));
+    return false;
+  }
+  if (s.expired || Date.now() >= s.expiresAt) {
+    st.stats.session_expired_rejections++;
+    reply(ctx, 401, v2Error('billing_meter_event_session_expired',
+      'The meter event session has expired. Create a new meter event session.',
+      'temporary_session_expired', 'https://docs.stripe.com/api/v2/billing/meter-event-stream/session'));
+    return false;
+  }
+  ctx.apiKey = s.apiKey;
+  ctx.livemode = s.mode === 'live';
+  ctx.mode = s.mode;
+  ctx.keyAccount = s.keyAccount;
+  ctx.stripeAccount = s.stripeAccount;
+  ctx.session = s;
+  return true;
+}
+
+function handleMeterEventSession(ctx) {
+  const st = ctx.st;
+  const ct = ctx.headers['content-type'];
+  let params = {};
+  if (ctx.raw.length > 0) {
+    if (!isMediaJson(ct)) {
+      st.stats.validation_errors++;
+      return reply(ctx, 400, v2Error('invalid_request', 'Invalid request: API v2 expects a JSON body (Content-Type: application/json).', 'invalid_request_error'));
+    }
+    try { params = JSON.parse(ctx.raw); } catch (e) {
+      st.stats.validation_errors++;
+      return reply(ctx, 400, v2Error('invalid_request', 'Invalid JSON body.', 'invalid_request_error'));
+    }
+    if (!params || typeof params !== 'object' || Array.isArray(params)) {
+      st.stats.validation_errors++;
+      return reply(ctx, 400, v2Error('invalid_request', 'The request body must be a JSON object.', 'invalid_request_error'));
+    }
+    const extra = Object.keys(params);
+    if (extra.length > 0) {
+      st.stats.validation_errors++;
+      return reply(ctx, 400, v2Error('parameter_unknown', 'Received unknown parameter: ' + extra[0], 'invalid_request_error'));
+    }
+  }
+  executeIdempotent(ctx, '{}', null, null, (c) => {
+    const now = Date.now();
+    const s = new MeterEventSession(randId('bmes_', 24), randId('bmest_' + c.mode + '_', 40), c.account,
+      c.stripeAccount, c.keyAccount, c.mode, c.apiKey, now, now + c.cfg.session_ttl_s * 1000);
+    c.st.sessions.set(s.token, s);
+    c.st.stats.sessions_created++;
+    return { status: 200, headers: null, body: JSON.stringify({
+      id: s.id, object: 'v2.billing.meter_event_session', authentication_token: s.token,
+      created: new Date(s.created).toISOString(), expires_at: new Date(s.expiresAt).toISOString(),
+      livemode: c.livemode }) };
+  });
+}
+
+// Schema checks Stripe makes before accepting a stream request. Returns an
+// error body or null.
+function validateStreamBody(body) {
+  const bad = (code, msg) => v2Error(code, msg, 'invalid_request_error');
+  if (!body || typeof body !== 'object' || Array.isArray(body)) return bad('invalid_request', 'The request body must be a JSON object.');
+  for (const k of Object.keys(body)) if (k !== 'events') return bad('parameter_unknown', 'Received unknown parameter: ' + k);
+  const evs = body.events;
+  if (evs === undefined) return bad('parameter_missing', 'Missing required param: events.');
+  if (!Array.isArray(evs)) return bad('parameter_invalid', 'Invalid events: must be an array.');
+  if (evs.length === 0) return bad('parameter_invalid', 'Invalid events: must contain at least one event.');
+  if (evs.length > V2_MAX_EVENTS) return bad('parameter_invalid', 'Invalid events: at most ' + V2_MAX_EVENTS + ' events per request; received ' + evs.length + '.');
+  for (let i = 0; i < evs.length; i++) {
+    const ev = evs[i];
+    const at = 'events[' + i + ']';
+    if (!ev || typeof ev !== 'object' || Array.isArray(ev)) return bad('parameter_invalid', 'Invalid ' + at + ': must be an object.');
+    for (const k of Object.keys(ev)) if (!V2_EVENT_KEYS.has(k)) return bad('parameter_unknown', 'Received unknown parameter: ' + at + '.' + k);
+    if (ev.event_name === undefined) return bad('parameter_missing', 'Missing required param: ' + at + '.event_name.');
+    if (typeof ev.event_name !== 'string' || ev.event_name === '' || ev.event_name.length > 100) return bad('parameter_invalid', 'Invalid ' + at + '.event_name: must be a string of 1 to 100 characters.');
+    if (ev.identifier !== undefined && (typeof ev.identifier !== 'string' || ev.identifier === '' || ev.identifier.length > 100)) return bad('parameter_invalid', 'Invalid ' + at + '.identifier: must be a string of 1 to 100 characters.');
+    if (ev.payload === undefined) return bad('parameter_missing', 'Missing required param: ' + at + '.payload.');
+    if (!ev.payload || typeof ev.payload !== 'object' || Array.isArray(ev.payload)) return bad('parameter_invalid', 'Invalid ' + at + '.payload: must be an object.');
+    for (const [k, v] of Object.entries(ev.payload)) {
+      if (typeof v !== 'string') return bad('parameter_invalid', 'Invalid ' + at + '.payload.' + k + ': must be a string.');
+    }
+    if (ev.timestamp !== undefined && (typeof ev.timestamp !== 'string' || !RFC3339_RE.test(ev.timestamp) || isNaN(Date.parse(ev.timestamp)))) {
+      return bad('parameter_invalid', 'Invalid ' + at + '.timestamp: must be an RFC 3339 date-time.');
+    }
+  }
+  return null;
+}
+
+function handleMeterEventStream(ctx) {
+  const st = ctx.st;
+  if (!isMediaJson(ctx.headers['content-type'])) {
+    st.stats.validation_errors++;
+    return reply(ctx, 400, v2Error('invalid_request', 'Invalid request: the meter event stream expects Content-Type: application/json.', 'invalid_request_error'));
+  }
+  let body;
+  try { body = JSON.parse(ctx.raw); } catch (e) {
+    st.stats.validation_errors++;
+    return reply(ctx, 400, v2Error('invalid_request', 'Invalid JSON body.', 'invalid_request_error'));
+  }
+  const err = validateStreamBody(body);
+  if (err) { st.stats.validation_errors++; return reply(ctx, 400, err); }
+  const events = body.events;
+  st.stats.stream_requests++;
+  st.stats.stream_events += events.length;
+  if (events.length > st.stats.stream_max_batch) st.stats.stream_max_batch = events.length;
+
+  // One concurrent usage event per customer and meter, within the request
+  // and across requests being processed.
+  const locks = [];
+  for (const ev of events) {
+    const meter = ctx.cfg.meters[ev.event_name];
+    const cust = ev.payload[meter ? meter.customer_key : 'stripe_customer_id'];
+    if (typeof cust !== 'string') continue;
+    const k = ctx.account + '|' + cust + '|' + ev.event_name;
+    if (st.slots.has(k) || locks.includes(k)) {
+      st.stats.concurrency_violations++;
+      return reply(ctx, 429, v2Error('too_many_concurrent_requests',
+        'Cannot create multiple usage events for the same customer, meter concurrently.', 'rate_limit'));
+    }
+    locks.push(k);
+  }
+  for (const k of locks) st.slots.add(k);
+  const run = () => {
+    for (const k of locks) st.slots.delete(k);
+    for (const ev of events) streamEvent(ctx, ev);
+    deliver(ctx, { status: 200, headers: null, body: '{}' });
+  };
+  const d = latencyFor(ctx);
+  ctx.latencyDone = true;
+  if (d > 0) setTimeout(run, d); else run();
+}
+
+// The error-report code Stripe uses asynchronously for a v1 validation error.
+function asyncErrorCode(e, customerKey) {
+  const onCustomer = e.param === 'payload[' + customerKey + ']';
+  switch (e.code) {
+    case 'resource_missing': return 'meter_event_customer_not_found';
+    case 'parameter_missing':
+    case 'parameter_invalid_empty':
+      return onCustomer ? 'meter_event_no_customer_defined' : 'meter_event_invalid_value';
+    case 'parameter_invalid_integer': return 'meter_event_invalid_value';
+    default: return e.code || 'meter_event_invalid_value';
+  }
+}
+
+// One accepted stream event: validated now (Stripe does it asynchronously
+// and reports failures later), deduped by identifier, billed.
+function streamEvent(ctx, ev) {
+  const st = ctx.st, cfg = ctx.cfg;
+  const now = Date.now();
+  const params = { event_name: ev.event_name, payload: ev.payload };
+  if (ev.identifier !== undefined) params.identifier = ev.identifier;
+  if (ev.timestamp !== undefined) params.timestamp = String(Math.floor(Date.parse(ev.timestamp) / 1000));
+  const v = validateMeterEvent(ctx, params);
+  if (v.error) {
+    st.stats.async_errors++;
+    st.asyncErrors.push({ identifier: ev.identifier || null, event_name: ev.event_name,
+      code: asyncErrorCode(v.error.error, (cfg.meters[ev.event_name] || { customer_key: 'stripe_customer_id' }).customer_key), message: v.error.error.message,
+      account: ctx.stripeAccount || ctx.keyAccount, request_id: ctx.requestId, time: now });
+    return;
+  }
+  const identifier = ev.identifier === undefined ? crypto.randomUUID() : keepStr(ev.identifier);
+  let info = null;
+  if (ev.identifier !== undefined) {
+    let m = st.idents.get(ctx.account);
+    if (!m) { m = new Map(); st.idents.set(intern(ctx.account), m); }
+    info = m.get(identifier);
+    if (!info) { info = new IdentInfo(); m.set(identifier, info); }
+    if (info.billedAt >= 0 && now - info.billedAt < cfg.identifier_ttl_s * 1000) {
+      st.stats.duplicate_identifier_attempts++;
+      st.stats.stream_duplicates_dropped++;
+      return;
+    }
+  }
+  const payload = {};
+  for (const k of Object.keys(v.payload)) payload[k] = keepStr(v.payload[k]);
+  const rec = new EventRecord(identifier, intern(v.event_name), payload,
+    v.timestamp === null ? Math.floor(now / 1000) : v.timestamp,
+    intern(ctx.stripeAccount || ctx.keyAccount), ctx.livemode, null,
+    intern(ctx.headers['stripe-version'] || null), intern(ctx.headers['user-agent'] || null),
+    intern(ctx.apiKey), ctx.requestId, now, ctx.session.id);
+  st.events.push(rec);
+  st.stats.billed++;
+  if (info) {
+    info.billedAt = now;
+    info.n++;
+    if (info.n === 2) st.stats.identifiers_billed_multiple_times++;
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Faults, scripted responses and delivery
 // ---------------------------------------------------------------------------
 
@@ -1392,6 +1660,14 @@ function onControl(req, res, path, query) {
       }
       case 'GET /__mock/script':
         return sendJson(res, 200, { data: state.scripts });
+      case 'GET /__mock/sessions':
+        return sendJson(res, 200, { data: [...state.sessions.values()].map(sessionInfo) });
+      case 'POST /__mock/expire_sessions': {
+        if (!needJson()) return;
+        return sendJson(res, 200, { expired: expireSessions(json && json.account) });
+      }
+      case 'GET /__mock/async_errors':
+        return sendJson(res, 200, { data: state.asyncErrors });
       case 'POST /__mock/script': {
         if (!needJson()) return;
         const list = validateScript(json);

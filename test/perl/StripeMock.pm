@@ -259,6 +259,26 @@ sub requests
 	return $self->_control('GET', '/__mock/requests' . _query(%opts))->{data};
 }
 
+=head2 API v2 control methods
+
+sessions (arrayref of meter event sessions: id, account, livemode, created,
+expires_at, expired); expire_sessions($account) expires every session now,
+or only those of $account, and returns how many; async_errors (arrayref of
+stream events refused after acceptance).
+
+=cut
+
+sub sessions { $_[0]->_control('GET', '/__mock/sessions')->{data} }
+
+sub expire_sessions
+{
+	my ($self, $account) = @_;
+	return $self->_control('POST', '/__mock/expire_sessions',
+		defined $account ? { account => $account } : {})->{expired};
+}
+
+sub async_errors { $_[0]->_control('GET', '/__mock/async_errors')->{data} }
+
 =head2 wait_for($code, timeout => 30, interval => 0.1)
 
 Polls stats until $code->($stats) returns true; returns the final stats, or
