@@ -225,7 +225,7 @@ apply_pages(List *pages)
 							   1, (Oid[]) {TIMESTAMPTZOID}, &stamp, NULL, false, 0);
 	if (rc != SPI_OK_UPDATE)
 		elog(ERROR, "could not record the sync: %s", SPI_result_code_string(rc));
-	rc = SPI_execute("SELECT pg_catalog.count(*)::int4 FROM stripe_meter.meters", true, 0);
+	rc = SPI_execute("SELECT pg_catalog.count(*)::int4 FROM stripe_meter.meters", false, 0);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "could not count meters");
 	{

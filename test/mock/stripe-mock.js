@@ -481,7 +481,7 @@ function onStripeRequest(req, res, path) {
   req.on('end', () => {
     ctx.raw = chunks.length === 1 ? chunks[0].toString('utf8') : Buffer.concat(chunks).toString('utf8');
     ctx.entry = {
-      time: ctx.t0, method: ctx.method, path, headers: req.headers,
+      time: ctx.t0, method: ctx.method, path, query: req.url.slice(path.length + 1), headers: req.headers,
       body: ctx.raw.length > LOG_BODY_MAX ? ctx.raw.slice(0, LOG_BODY_MAX) : ctx.raw,
       status: null, fault: null, replayed: false, request_id: ctx.requestId, duration_ms: null,
     };
