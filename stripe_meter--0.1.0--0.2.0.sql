@@ -94,7 +94,8 @@ CREATE INDEX meter_events_async_error_idx ON stripe_meter.meter_events (async_er
 COMMENT ON COLUMN stripe_meter.meter_events.async_error_code IS
 	'Set when Stripe reported after delivery that it will not bill this event (error report code)';
 
-SELECT pg_catalog.pg_extension_config_dump('stripe_meter.sync_state', '');
+-- sync_state is not dumped: CREATE EXTENSION makes its row, and after a
+-- restore the next sync and error-report read fill it again.
 SELECT pg_catalog.pg_extension_config_dump('stripe_meter.adjustments', '');
 SELECT pg_catalog.pg_extension_config_dump('stripe_meter.error_reports', '');
 

@@ -90,6 +90,14 @@ sync_header(char *line, size_t size, size_t nmemb, void *userp)
 	return len;
 }
 
+/* a cancel or shutdown request ends the transfer instead of waiting for it */
+static int
+sync_progress(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
+			  curl_off_t ultotal, curl_off_t ulnow)
+{
+	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
+}
+
 static struct curl_slist *
 sync_add_header(struct curl_slist *list, const char *fmt, const char *value)
 {
@@ -232,6 +240,8 @@ StripeSyncRequest(const char *method, const char *path, const char *body,
 	curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, sync_header);
 	curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
 	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, errbuf);
+	curl_easy_setopt(e, CURLOPT_NOPROGRESS, 0L);
+	curl_easy_setopt(e, CURLOPT_XFERINFOFUNCTION, sync_progress);
 
 	rc = curl_easy_perform(e);
 
@@ -253,6 +263,9 @@ StripeSyncRequest(const char *method, const char *path, const char *body,
 	curl_slist_free_all(headers);	/* holds the key: free at once */
 	curl_easy_cleanup(e);
 	pfree(url);
+	/* a backend whose query was cancelled stops here */
+	if (!IsBackgroundWorker)
+		CHECK_FOR_INTERRUPTS();
 	return true;
 }
 
