@@ -32,7 +32,6 @@ CREATE TABLE stripe_meter.sync_state (
 	singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
 	meters_synced_at timestamptz,
 	meters_sync_error text,
-	error_reports_cursor timestamptz,
 	error_reports_pulled_at timestamptz,
 	error_reports_error text
 );
@@ -75,6 +74,7 @@ COMMENT ON COLUMN stripe_meter.adjustments.received_at IS
 CREATE TABLE stripe_meter.error_reports (
 	id text PRIMARY KEY,
 	type text NOT NULL,
+	stripe_account text,
 	created timestamptz NOT NULL,
 	meter_id text,
 	summary text,
@@ -84,6 +84,8 @@ CREATE TABLE stripe_meter.error_reports (
 );
 COMMENT ON TABLE stripe_meter.error_reports IS
 	'v1.billing.meter.error_report_triggered and v1.billing.meter.no_meter_found events pulled from Stripe';
+-- each account's reading resumes from its newest report
+CREATE INDEX error_reports_account_created_idx ON stripe_meter.error_reports (stripe_account, created);
 
 ALTER TABLE stripe_meter.meter_events
 	ADD COLUMN async_error_code text,

@@ -20,9 +20,10 @@ my $node = new_node('async', mock => $mock, conf => { 'stripe_meter.error_poll_i
 
 sub enqueue
 {
-	my ($name, $id, $cust) = @_;
+	my ($name, $id, $cust, $acct) = @_;
+	$acct = defined $acct ? "'$acct'" : 'NULL';
 	$node->safe_psql('postgres', qq{
-		SELECT stripe_meter_event_create('$name', '{"stripe_customer_id": "$cust", "value": 2}', '$id')});
+		SELECT stripe_meter_event_create('$name', '{"stripe_customer_id": "$cust", "value": 2}', '$id', NULL, $acct)});
 }
 
 enqueue('api_calls', 'e-ok', 'cus_ok');
@@ -66,6 +67,16 @@ enqueue('api_calls', 'e-gone-3', 'cus_gone');
 wait_for($node, q{SELECT async_error_code FROM stripe_meter.meter_events WHERE identifier = 'e-gone-3'},
 	'meter_event_customer_not_found', 'a later report marks the later event');
 is($node->safe_psql('postgres', 'SELECT not_billed FROM stripe_meter.status'), '4', 'not_billed grows');
+
+# Connect: a connected account's reports are read with its Stripe-Context.
+enqueue('api_calls', 'e-acct', 'cus_gone', 'acct_C9');
+wait_for($node, q{SELECT async_error_code FROM stripe_meter.meter_events WHERE identifier = 'e-acct'},
+	'meter_event_customer_not_found', 'connected account: its event is marked');
+is($node->safe_psql('postgres', q{
+	SELECT r.stripe_account FROM stripe_meter.meter_events m JOIN stripe_meter.error_reports r ON r.id = m.async_error_report
+	 WHERE m.identifier = 'e-acct'}), 'acct_C9', 'connected account: the report is kept with the account');
+ok(scalar(grep { $_->{path} eq '/v2/core/events' && ($_->{headers}{'stripe-context'} // '') eq 'acct_C9' }
+		  @{ $mock->requests(limit => 100000) }), 'connected account: read with Stripe-Context');
 
 # Stripe unreachable: the error is kept, delivery goes on afterwards.
 $mock->config({ down => JSON::PP::true });
