@@ -100,7 +100,9 @@ refuse_if_already_cancelled(Datum *args)
 			 errdetail("The earlier cancellation failed: %s.",
 					   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2)) :
 			 errdetail("Its cancellation is %s (see stripe_meter.adjustments).",
-					   strcmp(status, "done") == 0 ? "done" : "queued")));
+					   strcmp(status, "done") == 0 ? "done" : "queued"),
+			 strcmp(status, "failed") == 0 ?
+			 errhint("Delete its row from stripe_meter.adjustments to try again.") : 0));
 }
 
 static void
