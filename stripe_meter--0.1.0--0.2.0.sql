@@ -19,3 +19,164 @@ COMMENT ON COLUMN stripe_meter.meter_events.outcome IS
 	'created: Stripe created the event; replayed: Stripe replayed its stored answer for the idempotency key; already_existed: Stripe already had the identifier; accepted: the v2 meter event stream accepted the request carrying it';
 COMMENT ON COLUMN stripe_meter.meter_events.session_id IS
 	'API v2: the id of the meter event session the event was sent with; NULL with API v1';
+-- ---------------------------------------------------------------------------
+-- The event lifecycle after delivery: cancellations, meters read from
+-- Stripe, asynchronous error reports and reconciliation.
+-- ---------------------------------------------------------------------------
+
+-- Meters as Stripe has them, filled by stripe_meter_sync_meters().  Rows an
+-- administrator inserted by hand have no meter_id.
+ALTER TABLE stripe_meter.meters
+	ADD COLUMN meter_id text,
+	ADD COLUMN aggregation text
+		CHECK (aggregation IN ('count', 'last', 'sum')),
+	ADD COLUMN status text
+		CHECK (status IN ('active', 'inactive')),
+	ADD COLUMN synced_at timestamptz;
+COMMENT ON COLUMN stripe_meter.meters.meter_id IS
+	'Stripe''s meter id (mtr_...); NULL for a row entered by hand';
+COMMENT ON COLUMN stripe_meter.meters.aggregation IS
+	'Stripe''s default_aggregation.formula: count, last or sum';
+COMMENT ON COLUMN stripe_meter.meters.status IS
+	'active or inactive in Stripe; events for an inactive meter are refused';
+
+-- What the worker and stripe_meter_sync_meters() last did: one row.
+CREATE TABLE stripe_meter.sync_state (
+	singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+	meters_synced_at timestamptz,
+	meters_sync_error text,
+	error_reports_pulled_at timestamptz,
+	error_reports_error text
+);
+INSERT INTO stripe_meter.sync_state DEFAULT VALUES;
+COMMENT ON TABLE stripe_meter.sync_state IS
+	'When meters were last synced and how far Stripe''s error reports have been read';
+
+-- Cancellations of delivered events: queued by stripe_meter_event_cancel()
+-- and delivered by the worker as POST /v1/billing/meter_event_adjustments.
+CREATE TABLE stripe_meter.adjustments (
+	identifier text PRIMARY KEY,
+	event_name text NOT NULL,
+	stripe_account text,
+	status text NOT NULL DEFAULT 'queued'
+		CHECK (status IN ('awaiting_delivery', 'queued', 'done', 'failed')),
+	received_at timestamptz,
+	requested_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+	attempts integer NOT NULL DEFAULT 0,
+	first_attempt_at timestamptz,
+	unknown_outcome_since timestamptz,
+	next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+	in_flight_since timestamptz,
+	outcome text CHECK (outcome IN ('created', 'replayed', 'already_cancelled')),
+	adjustment jsonb,
+	request_id text,
+	http_status integer,
+	last_error text,
+	completed_at timestamptz
+);
+CREATE INDEX adjustments_due_idx ON stripe_meter.adjustments (next_attempt_at)
+	WHERE status IN ('awaiting_delivery', 'queued');
+COMMENT ON TABLE stripe_meter.adjustments IS
+	'Cancellations of delivered meter events and the billing.meter_event_adjustment Stripe returned';
+COMMENT ON COLUMN stripe_meter.adjustments.status IS
+	'awaiting_delivery: the event itself is still being delivered; queued: to be sent; done: Stripe cancelled it; failed: see last_error';
+COMMENT ON COLUMN stripe_meter.adjustments.received_at IS
+	'When Stripe received the event: Stripe cancels only within 24 hours of that';
+
+-- Asynchronous errors Stripe reported through its v2 Events API.
+CREATE TABLE stripe_meter.error_reports (
+	id text PRIMARY KEY,
+	type text NOT NULL,
+	stripe_account text,
+	created timestamptz NOT NULL,
+	meter_id text,
+	summary text,
+	error_count bigint,
+	event jsonb NOT NULL,
+	pulled_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE stripe_meter.error_reports IS
+	'v1.billing.meter.error_report_triggered and v1.billing.meter.no_meter_found events pulled from Stripe';
+-- each account's reading resumes from its newest report
+CREATE INDEX error_reports_account_created_idx ON stripe_meter.error_reports (stripe_account, created);
+
+ALTER TABLE stripe_meter.meter_events
+	ADD COLUMN async_error_code text,
+	ADD COLUMN async_error_message text,
+	ADD COLUMN async_error_report text;
+CREATE INDEX meter_events_async_error_idx ON stripe_meter.meter_events (async_error_code)
+	WHERE async_error_code IS NOT NULL;
+COMMENT ON COLUMN stripe_meter.meter_events.async_error_code IS
+	'Set when Stripe reported after delivery that it will not bill this event (error report code)';
+
+-- sync_state is not dumped: CREATE EXTENSION makes its row, and after a
+-- restore the next sync and error-report read fill it again.
+SELECT pg_catalog.pg_extension_config_dump('stripe_meter.adjustments', '');
+SELECT pg_catalog.pg_extension_config_dump('stripe_meter.error_reports', '');
+
+CREATE FUNCTION @extschema@.stripe_meter_event_cancel(event_name text, identifier text)
+RETURNS text
+LANGUAGE c
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'stripe_meter_event_cancel';
+REVOKE ALL ON FUNCTION @extschema@.stripe_meter_event_cancel(text, text) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.stripe_meter_event_cancel(text, text) IS
+	'Cancels one meter event: removed if not yet sent, else a cancel adjustment is queued; returns removed, queued or awaiting_delivery';
+
+CREATE FUNCTION @extschema@.stripe_meter_sync_meters()
+RETURNS integer
+LANGUAGE c
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'stripe_meter_sync_meters';
+REVOKE ALL ON FUNCTION @extschema@.stripe_meter_sync_meters() FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.stripe_meter_sync_meters() IS
+	'Reads every meter of the Stripe account into stripe_meter.meters; returns how many';
+
+CREATE FUNCTION @extschema@.stripe_meter_reconcile(
+	event_name text,
+	customer text,
+	"from" timestamptz,
+	"to" timestamptz,
+	value_grouping_window text DEFAULT NULL,
+	stripe_account text DEFAULT NULL)
+RETURNS TABLE (window_start timestamptz, window_end timestamptz,
+			   local_events bigint, local_value numeric,
+			   stripe_value numeric, difference numeric)
+LANGUAGE c
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'stripe_meter_reconcile';
+REVOKE ALL ON FUNCTION @extschema@.stripe_meter_reconcile(text, text, timestamptz, timestamptz, text, text) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.stripe_meter_reconcile(text, text, timestamptz, timestamptz, text, text) IS
+	'Compares delivered events with Stripe''s event summaries for one customer and meter, per window';
+
+CREATE OR REPLACE VIEW stripe_meter.status AS
+SELECT
+	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
+	  WHERE o.in_flight_since IS NULL) AS pending,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
+	  WHERE o.in_flight_since IS NOT NULL) AS in_flight,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.meter_events) AS delivered,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.failed_events) AS failed,
+	pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
+		(SELECT o.enqueued_at FROM stripe_meter.outbox o ORDER BY o.id LIMIT 1)
+		AS oldest_pending_age,
+	w.paused,
+	w.last_error,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.meter_events d
+	  WHERE d.delivered_at OPERATOR(pg_catalog.>)
+			(pg_catalog.now() OPERATOR(pg_catalog.-) interval '1 minute'))
+		AS delivered_last_minute,
+	w.worker_pid,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.meter_events d
+	  WHERE d.async_error_code IS NOT NULL) AS not_billed,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
+	  WHERE a.status IN ('awaiting_delivery', 'queued')) AS cancels_pending,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
+	  WHERE a.status OPERATOR(pg_catalog.=) 'failed') AS cancels_failed
+FROM stripe_meter.worker_state() w;

@@ -155,6 +155,7 @@ stripe_meter_outbox_before_insert(PG_FUNCTION_ARGS)
 	event.customer_key = customer_key;
 	event.value_key = value_key;
 	customer = MeterEventValidate(&event);
+	MeterSyncCheckEnqueue(event.event_name, event.stripe_account);	/* meter_sync.c */
 	OutboxCheckIdentifierUnused(event.identifier);
 
 	cols[0] = att_identifier;

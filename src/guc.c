@@ -379,5 +379,8 @@ StripeMeterDefineSettings(void)
 								&stripe_meter_max_databases, 16, 1, 1024,
 								PGC_POSTMASTER, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 
+	/* cancellations, meter sync, error reports: lifecycle.c */
+	LifecycleDefineSettings();
+
 	MarkGUCPrefixReserved("stripe_meter");
 }

@@ -359,4 +359,33 @@ extern long V2StreamFlush(void);
 extern int	V2StreamUnsent(void);
 extern void V2StreamReleaseUnsent(void);
 
+/* ---- in stripe_sync.c (one synchronous request; outside the delivery loop) ---- */
+extern const char *StripeSyncKeyProblem(void);
+extern bool StripeSyncRequest(const char *method, const char *path, const char *body,
+							  const char *idempotency_key, const char *stripe_account,
+							  HttpResult *result);
+extern char *StripeSyncErrorText(const HttpResult *http);
+extern char *StripeSyncGetJson(const char *path, const char *stripe_account);
+
+/* ---- the event lifecycle after delivery (cancel.c, meter_sync.c, async_errors.c) ---- */
+extern int	stripe_meter_unknown_meter;
+extern int	stripe_meter_meter_sync_interval;
+extern int	stripe_meter_error_poll_interval;
+
+typedef enum UnknownMeterAction
+{
+	UNKNOWN_METER_ERROR,
+	UNKNOWN_METER_WARNING
+} UnknownMeterAction;
+
+extern void LifecycleDefineSettings(void);
+extern void MeterSyncCheckEnqueue(const char *event_name, const char *stripe_account);
+extern int	MeterSyncRun(void);
+extern bool ListPageNext(const char *body, size_t len, bool *has_more, char **last_id);
+extern void CancelRepair(void);
+extern TimestampTz CancelDeliverDue(int limit);
+extern void AsyncErrorsPull(void);
+extern void LifecycleWorkerRepair(void);
+extern long LifecycleWorkerTick(bool paused, bool woken);
+
 #endif							/* STRIPE_METER_H */

@@ -738,6 +738,8 @@ StripeMeterWorkerMain(Datum main_arg)
 	MemoryContext worker_cxt;
 	HASHCTL		ctl;
 	bool		ready_now;
+	bool		lifecycle_woken = true;
+	long		lifecycle_wait = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -780,6 +782,7 @@ StripeMeterWorkerMain(Datum main_arg)
 		proc_exit(0);
 	}
 	DeliveryStoreRepair();
+	LifecycleWorkerRepair();	/* lifecycle.c: claimed cancellations */
 	DeliveryStoreCommit();
 
 	StripeClientInit();
@@ -867,6 +870,9 @@ StripeMeterWorkerMain(Datum main_arg)
 		}
 
 		purge_if_due(now);
+		/* lifecycle.c: cancellations, meter sync, error reports */
+		lifecycle_wait = LifecycleWorkerTick(pause_reason[0] != '\0', lifecycle_woken);
+		lifecycle_woken = false;
 		report_activity();
 
 		/* how long to wait: a record, a token, more to claim, or the poll */
@@ -890,8 +896,10 @@ StripeMeterWorkerMain(Datum main_arg)
 		else
 			timeout = stripe_meter_naptime;
 
+		if (timeout < 0 || lifecycle_wait < timeout)
+			timeout = lifecycle_wait;
 		latch_set = StripeClientWait(timeout, request_done);
 		if (latch_set)
-			ready_now = true;
+			ready_now = lifecycle_woken = true;
 	}
 }

@@ -9,6 +9,8 @@
 
 const http = require('http');
 const crypto = require('crypto');
+// Cancellations, meters, event summaries, v2 error reports.
+const lifecycle = require('./lifecycle');
 
 // ---------------------------------------------------------------------------
 // Constants
@@ -57,6 +59,9 @@ function defaultConfig() {
     default_stripe_version: DEFAULT_STRIPE_VERSION,
     down: false,
     session_ttl_s: 900,
+    missing_customers: [],
+    report_no_meter: false,
+    cancel_window_s: 86400,
   };
 }
 
@@ -333,6 +338,7 @@ const CONFIG_TYPES = {
   timestamp_past_s: 'nonneg', timestamp_future_s: 'nonneg',
   request_log_size: 'count', max_body_bytes: 'posint',
   default_stripe_version: 'string', down: 'bool', session_ttl_s: 'posint',
+  missing_customers: 'strarray', report_no_meter: 'bool', cancel_window_s: 'nonneg',
 };
 
 function checkValue(type, k, v) {
@@ -382,7 +388,11 @@ function checkValue(type, k, v) {
         const ck = m.customer_key === undefined ? 'stripe_customer_id' : m.customer_key;
         const vk = m.value_key === undefined ? 'value' : m.value_key;
         if (typeof ck !== 'string' || !ck || typeof vk !== 'string' || !vk) return 'meter keys must be non-empty strings';
-        out[name] = { customer_key: ck, value_key: vk, status };
+        const formula = m.formula === undefined ? 'sum' : m.formula;
+        if (!['sum', 'count', 'last'].includes(formula)) return 'meter formula must be sum, count or last';
+        const id = m.id === undefined ? lifecycle.meterIdFor(name) : m.id;
+        if (typeof id !== 'string' || !/^mtr_[A-Za-z0-9]+$/.test(id)) return 'meter id must look like mtr_...';
+        out[name] = { customer_key: ck, value_key: vk, status, id, formula };
       }
       return [out];
     }
@@ -484,7 +494,7 @@ function onStripeRequest(req, res, path) {
   req.on('end', () => {
     ctx.raw = chunks.length === 1 ? chunks[0].toString('utf8') : Buffer.concat(chunks).toString('utf8');
     ctx.entry = {
-      time: ctx.t0, method: ctx.method, path, headers: req.headers,
+      time: ctx.t0, method: ctx.method, path, query: req.url.slice(path.length + 1), headers: req.headers,
       body: ctx.raw.length > LOG_BODY_MAX ? ctx.raw.slice(0, LOG_BODY_MAX) : ctx.raw,
       status: null, fault: null, replayed: false, request_id: ctx.requestId, duration_ms: null,
     };
@@ -586,7 +596,7 @@ function handleStripe(ctx) {
   }
 
   // Routing.
-  const handler = ROUTES[ctx.method + ' ' + ctx.path];
+  const handler = ROUTES[ctx.method + ' ' + ctx.path] || lifecycle.match(ctx.method, ctx.path);
   if (!handler) {
     return reply(ctx, 404, invalid('Unrecognized request URL (' + ctx.method + ': ' + ctx.path +
       '). Please see https://stripe.com/docs or we can help at https://support.stripe.com/.'));
@@ -1668,6 +1678,8 @@ function onControl(req, res, path, query) {
       }
       case 'GET /__mock/async_errors':
         return sendJson(res, 200, { data: state.asyncErrors });
+      case 'GET /__mock/lifecycle':
+        return sendJson(res, 200, lifecycle.control(state));
       case 'POST /__mock/script': {
         if (!needJson()) return;
         const list = validateScript(json);
@@ -1685,6 +1697,8 @@ function onControl(req, res, path, query) {
 // ---------------------------------------------------------------------------
 // Entry point
 // ---------------------------------------------------------------------------
+
+lifecycle.install({ reply, invalid, parseForm, canon, isMediaForm, executeIdempotent });
 
 function onRequest(req, res) {
   const url = req.url;

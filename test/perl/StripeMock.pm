@@ -246,6 +246,9 @@ sub stats { $_[0]->_control('GET', '/__mock/stats') }
 
 sub health { $_[0]->_control('GET', '/__mock/health') }
 
+# cancellations the mock accepted and the error reports it generated
+sub lifecycle { $_[0]->_control('GET', '/__mock/lifecycle') }
+
 sub events
 {
 	my ($self, %filter) = @_;
