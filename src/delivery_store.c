@@ -49,6 +49,9 @@ static SPIPlanPtr failed_plan = NULL;
 static SPIPlanPtr retry_plan = NULL;
 static SPIPlanPtr release_plan = NULL;
 
+/* the caller's memory context, current again after DeliveryStoreCommit */
+static MemoryContext caller_cxt = NULL;
+
 /*
  * DeliveryStoreBegin
  *		Start a short transaction with SPI connected.
@@ -59,6 +62,7 @@ static SPIPlanPtr release_plan = NULL;
 bool
 DeliveryStoreBegin(void)
 {
+	caller_cxt = CurrentMemoryContext;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	if (!OidIsValid(get_extension_oid("stripe_meter", true)))
@@ -74,15 +78,18 @@ DeliveryStoreBegin(void)
 void
 DeliveryStoreCommit(void)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	/* a background worker must report its statistics itself */
 	pgstat_report_stat(false);
-	/* commit leaves TopMemoryContext current */
-	MemoryContextSwitchTo(cxt);
+
+	/*
+	 * Commit leaves TopMemoryContext current.  Return to the context that
+	 * was current before DeliveryStoreBegin: the one current now belonged
+	 * to SPI, which SPI_finish has just deleted.
+	 */
+	MemoryContextSwitchTo(caller_cxt);
 }
 
 /*
