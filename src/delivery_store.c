@@ -93,6 +93,29 @@ DeliveryStoreCommit(void)
 }
 
 /*
+ * DeliveryStoreExtensionVersion
+ *		Read the version of the extension's SQL objects in this database
+ *		into buf; false when the extension is gone.
+ */
+bool
+DeliveryStoreExtensionVersion(char *buf, size_t size)
+{
+	if (!DeliveryStoreBegin())
+		return false;
+	buf[0] = '\0';
+	if (SPI_execute("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'stripe_meter'",
+					true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+	{
+		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+
+		if (v != NULL)
+			strlcpy(buf, v, size);
+	}
+	DeliveryStoreCommit();
+	return true;
+}
+
+/*
  * DeliveryStoreRepair
  *		At worker start: events a previous worker claimed but never
  *		recorded go back to the queue, their outcome unknown since the

@@ -23,11 +23,13 @@
  */
 #include "postgres.h"
 
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "nodes/pg_list.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/timestamp.h"
 
 #include "stripe_meter.h"
@@ -300,6 +302,14 @@ MeterSyncCheckEnqueue(const char *event_name, const char *stripe_account)
 
 	/* a connected account has its own meters, which are not mirrored */
 	if (stripe_account != NULL)
+		return;
+
+	/*
+	 * Before ALTER EXTENSION stripe_meter UPDATE, a database can still have
+	 * the schema of a version that never synced meters.
+	 */
+	if (!OidIsValid(get_relname_relid("sync_state",
+									  get_namespace_oid("stripe_meter", false))))
 		return;
 	if (check_plan == NULL)
 	{

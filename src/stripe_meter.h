@@ -259,6 +259,7 @@ extern bool DeliveryJsonIsStorable(const char *json, size_t len);
 /* ---- in delivery_store.c (the worker's SQL) ---- */
 extern bool DeliveryStoreBegin(void);
 extern void DeliveryStoreCommit(void);
+extern bool DeliveryStoreExtensionVersion(char *buf, size_t size);
 extern void DeliveryStoreRepair(void);
 extern int	DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head,
 							   ClaimedEvent **tail);

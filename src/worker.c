@@ -280,6 +280,54 @@ set_paused(const char *reason)
 	}
 }
 
+/*
+ * After a new library is installed and the server restarted, the database
+ * keeps the old version's tables until ALTER EXTENSION stripe_meter UPDATE:
+ * deliver nothing until then, since this code reads and writes the new
+ * version's columns.  Enqueueing keeps working meanwhile.
+ */
+static void
+wait_for_schema_update(void)
+{
+	bool		told = false;
+
+	for (;;)
+	{
+		char		version[NAMEDATALEN];
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		if (!DeliveryStoreExtensionVersion(version, sizeof(version)))
+		{
+			extension_absent = true;
+			proc_exit(0);
+		}
+		if (strcmp(version, STRIPE_METER_VERSION) == 0)
+			break;
+		if (!told)
+		{
+			char		reason[WORKER_TEXT_LEN];
+
+			snprintf(reason, sizeof(reason),
+					 "the extension in this database is version %s but the library is %s: run ALTER EXTENSION stripe_meter UPDATE",
+					 version, STRIPE_METER_VERSION);
+			set_paused(reason);
+			told = true;
+		}
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 stripe_meter_naptime, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+	if (told)
+		ereport(LOG,
+				(errmsg("stripe_meter worker found the extension updated to version %s",
+						STRIPE_METER_VERSION)));
+}
+
 /* the in-flight event for this key finished: let the next one go */
 static void
 release_busy_key(uint64 key)
@@ -775,6 +823,8 @@ StripeMeterWorkerMain(Datum main_arg)
 		extension_absent = true;
 		proc_exit(0);
 	}
+
+	wait_for_schema_update();
 
 	if (!DeliveryStoreBegin())
 	{

@@ -160,7 +160,17 @@ for my $v (@old_versions)
 		q{SELECT jsonb_agg(to_jsonb(o) ORDER BY id) FROM stripe_meter.outbox o});
 	is(scalar @{ $queued{$db} }, 53, "$db: 53 events queued at $v");
 
+	# The new library meets the old schema (a package upgrade and a restart
+	# before ALTER EXTENSION ... UPDATE): enqueueing works, as above, and the
+	# worker delivers nothing until the update, saying why.
+	wait_for($node, q{SELECT paused FROM stripe_meter.worker_state()},
+		"the extension in this database is version $v but the library is $current: run ALTER EXTENSION stripe_meter UPDATE",
+		"$db: before the update, the worker waits for it", $db);
+
 	$node->safe_psql($db, 'ALTER EXTENSION stripe_meter UPDATE');
+	wait_for($node, q{SELECT paused FROM stripe_meter.worker_state()},
+		'delivery is turned off (stripe_meter.enabled)',
+		"$db: after the update, the worker goes on by itself", $db);
 	same_lines([ split /\n/, extension_catalog($db) ], [ split /\n/, $fresh_catalog ],
 		"$db: after UPDATE, the same members, pg_dump configuration and initial privileges as a fresh install");
 
