@@ -845,6 +845,14 @@ const METER_EVENT_PARAMS = new Set(['event_name', 'payload', 'identifier', 'time
 const DIGITS_RE = /^[0-9]+$/;
 const INT_RE = /^-?[0-9]+$/;
 
+// Stripe's maxLength counts characters (code points, as Ruby and JSON Schema
+// do), not the UTF-16 units of a JS string's .length.
+function chars(s) {
+  let n = 0;
+  for (const _ of s) n++;
+  return n;
+}
+
 function tooLong(param, v, max) {
   return invalid('Invalid string: ' + (v.length > 100 ? v.slice(0, 100) + '...' : v) +
     '; must be at most ' + max + ' characters', param, 'string_too_long');
@@ -877,7 +885,7 @@ function validateMeterEvent(ctx, params) {
   if (en === undefined) return { error: missingParam('event_name') };
   if (typeof en !== 'string') return { error: notString('event_name') };
   if (en === '') return { error: emptyParam('event_name') };
-  if (en.length > 100) return { error: tooLong('event_name', en, 100) };
+  if (chars(en) > 100) return { error: tooLong('event_name', en, 100) };
   // payload
   if (payload === undefined) return { error: missingParam('payload') };
   if (typeof payload !== 'object' || Array.isArray(payload)) {
@@ -887,7 +895,7 @@ function validateMeterEvent(ctx, params) {
   if (identifier !== undefined) {
     if (typeof identifier !== 'string') return { error: notString('identifier') };
     if (identifier === '') return { error: emptyParam('identifier') };
-    if (identifier.length > 100) return { error: tooLong('identifier', identifier, 100) };
+    if (chars(identifier) > 100) return { error: tooLong('identifier', identifier, 100) };
   }
   // timestamp
   let ts = null;
@@ -937,8 +945,8 @@ function validateMeterEvent(ctx, params) {
     const param = 'payload[' + k + ']';
     if (k === '') return { error: invalid('Invalid payload: keys must be non-empty.', 'payload', 'parameter_invalid_empty') };
     if (typeof v !== 'string') return { error: notString(param) };
-    if (k.length > 100) return { error: invalid('Invalid payload key: ' + k.slice(0, 100) + '...; must be at most 100 characters', param, 'string_too_long') };
-    if (v.length > 100) return { error: tooLong(param, v, 100) };
+    if (chars(k) > 100) return { error: invalid('Invalid payload key: ' + k.slice(0, 100) + '...; must be at most 100 characters', param, 'string_too_long') };
+    if (chars(v) > 100) return { error: tooLong(param, v, 100) };
   }
   const ck = meter.customer_key, vk = meter.value_key;
   const cust = payload[ck];
