@@ -7,6 +7,7 @@
 'use strict';
 
 const http = require('http');
+const fs = require('fs');
 const crypto = require('crypto');
 
 // ---------------------------------------------------------------------------
@@ -261,6 +262,7 @@ function newStats() {
     in_flight: 0,
     client_aborts: 0,
     dropped_while_down: 0,
+    tls_handshake_failures: 0,
     distinct_idempotency_keys_per_identifier_max: 0,
     identifiers_billed_under_multiple_keys: 0,
     identifiers_billed_multiple_times: 0,
@@ -1430,7 +1432,8 @@ function onRequest(req, res) {
 
 function usage(msg) {
   if (msg) process.stderr.write('stripe-mock: ' + msg + '\n');
-  process.stderr.write('usage: node stripe-mock.js [--port N] [--host 127.0.0.1|localhost|::1] [--parent-watch]\n');
+  process.stderr.write('usage: node stripe-mock.js [--port N] [--host 127.0.0.1|localhost|::1] [--parent-watch]\n' +
+    '       [--tls-cert FILE --tls-key FILE [--control-port N]]\n');
   process.exit(2);
 }
 
@@ -1438,6 +1441,9 @@ function main() {
   let port = 0;
   let host = '127.0.0.1';
   let parentWatch = false;
+  let tlsCert = null;
+  let tlsKey = null;
+  let controlPort = 0;
   const argv = process.argv.slice(2);
   for (let i = 0; i < argv.length; i++) {
     let a = argv[i];
@@ -1451,6 +1457,14 @@ function main() {
       port = Number(v);
     } else if (a === '--host') {
       host = next();
+    } else if (a === '--tls-cert') {
+      tlsCert = next();
+    } else if (a === '--tls-key') {
+      tlsKey = next();
+    } else if (a === '--control-port') {
+      const v = next();
+      if (!/^[0-9]+$/.test(v) || Number(v) > 65535) usage('bad control port: ' + v);
+      controlPort = Number(v);
     } else if (a === '--parent-watch') {
       parentWatch = true;
     } else if (a === '--help' || a === '-h') {
@@ -1462,7 +1476,13 @@ function main() {
   if (host === 'localhost') host = '127.0.0.1';
   if (host !== '127.0.0.1' && host !== '::1') usage('refusing to bind to non-loopback host ' + host);
 
-  const server = http.createServer({ noDelay: true, keepAlive: true }, onRequest);
+  if ((tlsCert === null) !== (tlsKey === null)) usage('--tls-cert and --tls-key go together');
+  // https mode: the API is served over TLS, and a second, plain http
+  // listener (--control-port) serves the same handler for the control API.
+  const opts = { noDelay: true, keepAlive: true };
+  const server = tlsCert === null ? http.createServer(opts, onRequest)
+    : require('https').createServer({ ...opts, cert: fs.readFileSync(tlsCert), key: fs.readFileSync(tlsKey) }, onRequest);
+  const control = tlsCert === null ? null : http.createServer(opts, onRequest);
   server.keepAliveTimeout = 65000;
   server.headersTimeout = 66000;
   server.requestTimeout = 0;
@@ -1476,6 +1496,10 @@ function main() {
     }
     socket.destroy();
   });
+  if (tlsCert !== null) {
+    // a failed handshake is the client's verdict; note it, keep serving
+    server.on('tlsClientError', () => { state.stats.tls_handshake_failures++; });
+  }
   server.on('error', (e) => {
     process.stderr.write('stripe-mock: server error: ' + e.message + '\n');
     process.exit(1);
@@ -1486,6 +1510,7 @@ function main() {
     if (stopping) return;
     stopping = true;
     server.close();
+    if (control) control.close();
     for (const s of sockets) s.destroy();
     process.exit(0);
   };
@@ -1499,8 +1524,18 @@ function main() {
     process.stdin.resume();
   }
 
+  const announce = () => {
+    const line = { listening: server.address().port };
+    if (control) line.control = control.address().port;
+    process.stdout.write(JSON.stringify(line) + '\n');
+  };
   server.listen(port, host, () => {
-    process.stdout.write(JSON.stringify({ listening: server.address().port }) + '\n');
+    if (!control) return announce();
+    control.on('connection', (s) => {
+      sockets.add(s);
+      s.on('close', () => sockets.delete(s));
+    });
+    control.listen(controlPort, host, announce);
   });
 }
 
