@@ -40,8 +40,8 @@ my $JSON = JSON::PP->new->utf8->canonical->allow_nonref;
 my $ASCII_JSON = JSON::PP->new->ascii->canonical->allow_nonref;
 
 # --- a seeded PRNG: Perl's own drand48 (since 5.20 the same sequence on
-# every platform), seeded once -----------------------------------------------
-srand($seed);
+# every platform).  It is seeded just before generating, because starting
+# the node draws from it too (PostgreSQL::Test picks ports with rand). ------
 sub rint { return int(rand($_[0])) }
 sub chance { return rand() < $_[0] }
 sub pick { return $_[ rand(@_) ] }
@@ -542,6 +542,7 @@ sub copy_field
 
 my @cases;
 my $t_gen = time;
+srand($seed);
 my $file = $node->basedir . '/fuzz_cases.tsv';
 # :utf8, not :encoding(UTF-8): noncharacters (U+FFFE...) must pass as they are
 open(my $fh, '>:utf8', $file) or die "$file: $!";
