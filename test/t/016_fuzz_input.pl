@@ -698,6 +698,9 @@ is($stats->{validation_errors}, 0, 'the mock found no invalid request')
   or diag('mock answers by status: ' . $ASCII_JSON->encode($stats->{by_status}));
 is($stats->{billed}, $delivered, 'the mock billed each delivered event');
 is($stats->{identifiers_billed_multiple_times}, 0, 'none twice');
+diag(sprintf('fuzz wire: %d queued, %d delivered, %d aged out of the window before sending, '
+	  . '%d billed by the mock, %d refused by it', $queued, $delivered, $aged, $stats->{billed},
+	$stats->{validation_errors}));
 
 # --- the server never crashed ---------------------------------------------------------------
 is($node->safe_psql('postgres', 'SELECT pg_postmaster_start_time()'), $pm_pid,
