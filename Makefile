@@ -62,3 +62,14 @@ PROVE_FLAGS += -I test/perl
 
 $(EXTENSION)--$(EXTVERSION).sql: $(EXTENSION).sql
 	cp $< $@
+
+# The long fuzz run of the enqueue validation (test/t/016_fuzz_input.pl):
+# 200,000 generated events with a random seed, printed so that a failure can
+# be replayed with STRIPE_METER_FUZZ_SEED=N.  Needs an installed build, like
+# installcheck.
+STRIPE_METER_FUZZ_CASES ?= 200000
+STRIPE_METER_FUZZ_SEED ?= random
+.PHONY: fuzz
+fuzz: PROVE_TESTS = test/t/016_fuzz_input.pl
+fuzz:
+	STRIPE_METER_FUZZ_CASES=$(STRIPE_METER_FUZZ_CASES) STRIPE_METER_FUZZ_SEED=$(STRIPE_METER_FUZZ_SEED) $(prove_installcheck)

@@ -136,6 +136,17 @@ SELECT pg_temp.try($$
 	VALUES ('api_requests', '{"stripe_customer_id": "cus_G", "value": 1}', 'restored-2',
 			now() - interval '46 days', now() - interval '10 days')$$);
 
+-- A wide payload (found by the fuzzer, test/t/016): the validated row was
+-- built in SPI memory that SPI_finish freed before the trigger returned it,
+-- and a row this large, in its own malloc'd block, crashed the backend.
+INSERT INTO stripe_meter.outbox (event_name, payload, identifier)
+SELECT 'api_requests',
+	   jsonb_build_object('stripe_customer_id', 'cus_Wide', 'value', 1)
+		 || (SELECT jsonb_object_agg('key_' || i, repeat('x', 100)) FROM generate_series(1, 2000) i),
+	   'wide-1';
+SELECT identifier, customer, (SELECT count(*) FROM jsonb_object_keys(payload)) AS keys
+  FROM stripe_meter.outbox WHERE identifier = 'wide-1';
+
 DELETE FROM stripe_meter.outbox;
 DELETE FROM stripe_meter.meter_events;
 DELETE FROM stripe_meter.failed_events;

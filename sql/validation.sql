@@ -74,6 +74,14 @@ SELECT payload, pg_temp.create(payload) AS result
 SELECT count(*) AS queued FROM stripe_meter.outbox;
 SELECT count(*) FILTER (WHERE payload->>'big' IS NOT NULL) AS big_queued FROM stripe_meter.outbox;
 
+-- Payload keys are at most 100 characters, counted as characters, not
+-- bytes (the fuzzer, test/t/016, found longer keys queued that a
+-- Stripe-like server refuses).
+SELECT k AS key_char, n AS key_chars,
+	   regexp_replace(pg_temp.create('{"stripe_customer_id": "cus_A", "value": 1, "'
+			|| repeat(k, n) || '": "x"}'), '^ok: .*', 'ok') AS result
+  FROM (VALUES ('k', 100), ('k', 101), (U&'\00FC', 101), (U&'\+01F642', 100), (U&'\+01F642', 101)) AS t(k, n);
+
 --
 -- Which rule is reported when several are broken: event_name, then
 -- payload NULL, then event_name's and identifier's form, then the payload,

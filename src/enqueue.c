@@ -114,6 +114,7 @@ stripe_meter_outbox_before_insert(PG_FUNCTION_ARGS)
 	int			cols[3];
 	Datum		vals[3];
 	bool		nulls[3] = {false, false, false};
+	MemoryContext caller_cxt = CurrentMemoryContext;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) ||
 		!TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
@@ -157,6 +158,9 @@ stripe_meter_outbox_before_insert(PG_FUNCTION_ARGS)
 	customer = MeterEventValidate(&event);
 	MeterSyncCheckEnqueue(event.event_name, event.stripe_account);	/* meter_sync.c */
 	OutboxCheckIdentifierUnused(event.identifier);
+	/* SPI_finish frees SPI's memory: the returned row must not live there */
+	customer = MemoryContextStrdup(caller_cxt, customer);
+	SPI_finish();
 
 	cols[0] = att_identifier;
 	vals[0] = CStringGetTextDatum(event.identifier);
@@ -165,7 +169,6 @@ stripe_meter_outbox_before_insert(PG_FUNCTION_ARGS)
 	cols[2] = att_customer;
 	vals[2] = CStringGetTextDatum(customer);
 	tuple = heap_modify_tuple_by_cols(tuple, desc, 3, cols, vals, nulls);
-	SPI_finish();
 
 	StripeMeterWakeAtCommit();
 

@@ -129,6 +129,13 @@ check_payload(const MeterEventInput *event, char **customer)
 						 errmsg("meter event payload key \"%s\" cannot contain brackets",
 								key),
 						 errdetail("Stripe receives the payload as payload[KEY]=VALUE form fields.")));
+			/* like the values: a longer key is refused by Stripe-like servers */
+			if (pg_mbstrlen(key) > STRIPE_MAX_PAYLOAD_KEY_CHARS)
+				ereport(ERROR,
+						(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+						 errmsg("meter event payload key is too long"),
+						 errdetail("The key has %d characters; Stripe accepts at most %d.",
+								   pg_mbstrlen(key), STRIPE_MAX_PAYLOAD_KEY_CHARS)));
 			continue;
 		}
 		if (tok != WJB_VALUE)

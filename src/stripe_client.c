@@ -399,6 +399,14 @@ StripeClientStartRequest(const StripeRequestSpec *spec)
 #else
 	curl_easy_setopt(e, CURLOPT_PROTOCOLS, CURLPROTO_HTTPS | CURLPROTO_HTTP);
 #endif
+	/*
+	 * Plain http is allowed only to loopback, but libcurl would still send
+	 * it (key included) through a proxy named by http_proxy in the server's
+	 * environment: never use a proxy for it.  https may use one (CONNECT
+	 * keeps the key encrypted and the certificate verified).
+	 */
+	if (pg_strncasecmp(stripe_meter_api_url, "http://", 7) == 0)
+		curl_easy_setopt(e, CURLOPT_PROXY, "");
 	curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
 	curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
 	curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);

@@ -42,6 +42,7 @@
 /* Stripe's limits, from ../shared/stripe/api-facts.md */
 #define STRIPE_MAX_NAME_CHARS		100 /* event_name, identifier */
 #define STRIPE_MAX_PAYLOAD_VALUE_CHARS 100
+#define STRIPE_MAX_PAYLOAD_KEY_CHARS 100	/* not in the schema: as for the values */
 #define STRIPE_MAX_VALUE_DIGITS		15
 #define STRIPE_TS_PAST_LIMIT_SECS	(35 * SECS_PER_DAY)
 #define STRIPE_TS_FUTURE_LIMIT_SECS (5 * SECS_PER_MINUTE)

@@ -8,6 +8,7 @@
 'use strict';
 
 const http = require('http');
+const fs = require('fs');
 const crypto = require('crypto');
 // Cancellations, meters, event summaries, v2 error reports.
 const lifecycle = require('./lifecycle');
@@ -268,6 +269,7 @@ function newStats() {
     in_flight: 0,
     client_aborts: 0,
     dropped_while_down: 0,
+    tls_handshake_failures: 0,
     distinct_idempotency_keys_per_identifier_max: 0,
     identifiers_billed_under_multiple_keys: 0,
     identifiers_billed_multiple_times: 0,
@@ -872,6 +874,14 @@ const METER_EVENT_PARAMS = new Set(['event_name', 'payload', 'identifier', 'time
 const DIGITS_RE = /^[0-9]+$/;
 const INT_RE = /^-?[0-9]+$/;
 
+// Stripe's maxLength counts characters (code points, as Ruby and JSON Schema
+// do), not the UTF-16 units of a JS string's .length.
+function chars(s) {
+  let n = 0;
+  for (const _ of s) n++;
+  return n;
+}
+
 function tooLong(param, v, max) {
   return invalid('Invalid string: ' + (v.length > 100 ? v.slice(0, 100) + '...' : v) +
     '; must be at most ' + max + ' characters', param, 'string_too_long');
@@ -904,7 +914,7 @@ function validateMeterEvent(ctx, params) {
   if (en === undefined) return { error: missingParam('event_name') };
   if (typeof en !== 'string') return { error: notString('event_name') };
   if (en === '') return { error: emptyParam('event_name') };
-  if (en.length > 100) return { error: tooLong('event_name', en, 100) };
+  if (chars(en) > 100) return { error: tooLong('event_name', en, 100) };
   // payload
   if (payload === undefined) return { error: missingParam('payload') };
   if (typeof payload !== 'object' || Array.isArray(payload)) {
@@ -914,7 +924,7 @@ function validateMeterEvent(ctx, params) {
   if (identifier !== undefined) {
     if (typeof identifier !== 'string') return { error: notString('identifier') };
     if (identifier === '') return { error: emptyParam('identifier') };
-    if (identifier.length > 100) return { error: tooLong('identifier', identifier, 100) };
+    if (chars(identifier) > 100) return { error: tooLong('identifier', identifier, 100) };
   }
   // timestamp
   let ts = null;
@@ -964,8 +974,8 @@ function validateMeterEvent(ctx, params) {
     const param = 'payload[' + k + ']';
     if (k === '') return { error: invalid('Invalid payload: keys must be non-empty.', 'payload', 'parameter_invalid_empty') };
     if (typeof v !== 'string') return { error: notString(param) };
-    if (k.length > 100) return { error: invalid('Invalid payload key: ' + k.slice(0, 100) + '...; must be at most 100 characters', param, 'string_too_long') };
-    if (v.length > 100) return { error: tooLong(param, v, 100) };
+    if (chars(k) > 100) return { error: invalid('Invalid payload key: ' + k.slice(0, 100) + '...; must be at most 100 characters', param, 'string_too_long') };
+    if (chars(v) > 100) return { error: tooLong(param, v, 100) };
   }
   const ck = meter.customer_key, vk = meter.value_key;
   const cust = payload[ck];
@@ -1712,7 +1722,8 @@ function onRequest(req, res) {
 
 function usage(msg) {
   if (msg) process.stderr.write('stripe-mock: ' + msg + '\n');
-  process.stderr.write('usage: node stripe-mock.js [--port N] [--host 127.0.0.1|localhost|::1] [--parent-watch]\n');
+  process.stderr.write('usage: node stripe-mock.js [--port N] [--host 127.0.0.1|localhost|::1] [--parent-watch]\n' +
+    '       [--tls-cert FILE --tls-key FILE [--control-port N]]\n');
   process.exit(2);
 }
 
@@ -1720,6 +1731,9 @@ function main() {
   let port = 0;
   let host = '127.0.0.1';
   let parentWatch = false;
+  let tlsCert = null;
+  let tlsKey = null;
+  let controlPort = 0;
   const argv = process.argv.slice(2);
   for (let i = 0; i < argv.length; i++) {
     let a = argv[i];
@@ -1733,6 +1747,14 @@ function main() {
       port = Number(v);
     } else if (a === '--host') {
       host = next();
+    } else if (a === '--tls-cert') {
+      tlsCert = next();
+    } else if (a === '--tls-key') {
+      tlsKey = next();
+    } else if (a === '--control-port') {
+      const v = next();
+      if (!/^[0-9]+$/.test(v) || Number(v) > 65535) usage('bad control port: ' + v);
+      controlPort = Number(v);
     } else if (a === '--parent-watch') {
       parentWatch = true;
     } else if (a === '--help' || a === '-h') {
@@ -1744,7 +1766,13 @@ function main() {
   if (host === 'localhost') host = '127.0.0.1';
   if (host !== '127.0.0.1' && host !== '::1') usage('refusing to bind to non-loopback host ' + host);
 
-  const server = http.createServer({ noDelay: true, keepAlive: true }, onRequest);
+  if ((tlsCert === null) !== (tlsKey === null)) usage('--tls-cert and --tls-key go together');
+  // https mode: the API is served over TLS, and a second, plain http
+  // listener (--control-port) serves the same handler for the control API.
+  const opts = { noDelay: true, keepAlive: true };
+  const server = tlsCert === null ? http.createServer(opts, onRequest)
+    : require('https').createServer({ ...opts, cert: fs.readFileSync(tlsCert), key: fs.readFileSync(tlsKey) }, onRequest);
+  const control = tlsCert === null ? null : http.createServer(opts, onRequest);
   server.keepAliveTimeout = 65000;
   server.headersTimeout = 66000;
   server.requestTimeout = 0;
@@ -1758,6 +1786,10 @@ function main() {
     }
     socket.destroy();
   });
+  if (tlsCert !== null) {
+    // a failed handshake is the client's verdict; note it, keep serving
+    server.on('tlsClientError', () => { state.stats.tls_handshake_failures++; });
+  }
   server.on('error', (e) => {
     process.stderr.write('stripe-mock: server error: ' + e.message + '\n');
     process.exit(1);
@@ -1768,6 +1800,7 @@ function main() {
     if (stopping) return;
     stopping = true;
     server.close();
+    if (control) control.close();
     for (const s of sockets) s.destroy();
     process.exit(0);
   };
@@ -1781,8 +1814,18 @@ function main() {
     process.stdin.resume();
   }
 
+  const announce = () => {
+    const line = { listening: server.address().port };
+    if (control) line.control = control.address().port;
+    process.stdout.write(JSON.stringify(line) + '\n');
+  };
   server.listen(port, host, () => {
-    process.stdout.write(JSON.stringify({ listening: server.address().port }) + '\n');
+    if (!control) return announce();
+    control.on('connection', (s) => {
+      sockets.add(s);
+      s.on('close', () => sockets.delete(s));
+    });
+    control.listen(controlPort, host, announce);
   });
 }
 

@@ -56,7 +56,9 @@ sub _find_node
 =head2 StripeMock->new(%opts)
 
 Starts the mock on an OS-chosen port (C<port> to override) and waits for it
-to listen (C<timeout>, default 30 s). C<config> (hashref) is applied right
+to listen (C<timeout>, default 30 s). C<tls_cert> and C<tls_key> (PEM files)
+serve the API over https: url is then https://localhost:PORT (C<tls_host>
+to name another host) and the control API uses a second, plain http port. C<config> (hashref) is applied right
 after start. C<node> overrides the node binary (default: $ENV{NODE}, then
 node / nodejs on PATH). Dies with the mock's stderr on failure.
 
@@ -99,7 +101,8 @@ sub new
 		open(STDIN, '<&', $in_r) or POSIX::_exit(126);
 		open(STDOUT, '>&', $out_w) or POSIX::_exit(126);
 		open(STDERR, '>>', $stderr_file) or POSIX::_exit(126);
-		exec($node, $MOCK_JS, '--host', '127.0.0.1', '--port', $port, '--parent-watch')
+		my @tls = $opts{tls_cert} ? ('--tls-cert', $opts{tls_cert}, '--tls-key', $opts{tls_key}) : ();
+		exec($node, $MOCK_JS, '--host', '127.0.0.1', '--port', $port, '--parent-watch', @tls)
 		  or do { print STDERR "exec $node failed: $!\n"; POSIX::_exit(127); };
 	}
 	close $out_w;
@@ -160,6 +163,14 @@ sub new
 	}
 	$self->{port} = $msg->{listening};
 	$self->{url} = "http://127.0.0.1:$self->{port}";
+	$self->{control_url} = $self->{url};
+	if ($opts{tls_cert})
+	{
+		# https mode: the API over TLS, named as the certificate names it;
+		# the control API on a second, plain http port
+		$self->{url} = 'https://' . ($opts{tls_host} // 'localhost') . ":$self->{port}";
+		$self->{control_url} = "http://127.0.0.1:$msg->{control}";
+	}
 	$LIVE{"$self"} = $self;
 	weaken($LIVE{"$self"});
 
@@ -191,7 +202,7 @@ sub _control
 	croak 'StripeMock: not running' unless $self->{pid};
 	my %o = (headers => { 'Content-Type' => 'application/json' });
 	$o{content} = $JSON->encode($body) if defined $body;
-	my $r = $self->{http}->request($method, $self->{url} . $path, \%o);
+	my $r = $self->{http}->request($method, $self->{control_url} . $path, \%o);
 	croak "StripeMock: $method $path failed: $r->{status} $r->{reason}: "
 	  . ($r->{content} // '') . "\nmock stderr in $self->{stderr_file}"
 	  unless $r->{success};
