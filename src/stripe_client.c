@@ -365,6 +365,43 @@ StripeClientStart(void *owner, const char *path, const char *body,
 }
 
 /*
+ * StripeCurlSetTransport
+ *		The URL and every transport setting a request to Stripe needs: only
+ *		https and (loopback-only, checked by the settings) http, no
+ *		redirects, certificate and host verification always on, the
+ *		configured CA file, the timeouts.  Shared by the worker's requests
+ *		and the synchronous ones (stripe_sync.c).
+ */
+void
+StripeCurlSetTransport(CURL *e, const char *url)
+{
+	curl_easy_setopt(e, CURLOPT_URL, url);
+#if LIBCURL_VERSION_NUM >= 0x075500
+	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "https,http");
+	curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "https");
+#else
+	curl_easy_setopt(e, CURLOPT_PROTOCOLS, CURLPROTO_HTTPS | CURLPROTO_HTTP);
+#endif
+
+	/*
+	 * Plain http is allowed only to loopback, but libcurl would still send
+	 * it (key included) through a proxy named by http_proxy in the server's
+	 * environment: never use a proxy for it.  https may use one (CONNECT
+	 * keeps the key encrypted and the certificate verified).
+	 */
+	if (pg_strncasecmp(url, "http://", 7) == 0)
+		curl_easy_setopt(e, CURLOPT_PROXY, "");
+	curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
+	curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
+	if (stripe_meter_ca_file != NULL && stripe_meter_ca_file[0] != '\0')
+		curl_easy_setopt(e, CURLOPT_CAINFO, stripe_meter_ca_file);
+	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long) stripe_meter_connect_timeout);
+	curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long) stripe_meter_request_timeout);
+}
+
+/*
  * StripeClientStartRequest
  *		Put one POST in flight as spec says.  The bearer is the API key
  *		unless spec->bearer names another credential (a v2 session token).
@@ -392,29 +429,7 @@ StripeClientStartRequest(const StripeRequestSpec *spec)
 	req->headers = add_header(req->headers, "Content-Type: %s", spec->content_type);
 	req->headers = add_header(req->headers, "Expect:%s", "");
 
-	curl_easy_setopt(e, CURLOPT_URL, url);
-#if LIBCURL_VERSION_NUM >= 0x075500
-	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "https,http");
-	curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "https");
-#else
-	curl_easy_setopt(e, CURLOPT_PROTOCOLS, CURLPROTO_HTTPS | CURLPROTO_HTTP);
-#endif
-	/*
-	 * Plain http is allowed only to loopback, but libcurl would still send
-	 * it (key included) through a proxy named by http_proxy in the server's
-	 * environment: never use a proxy for it.  https may use one (CONNECT
-	 * keeps the key encrypted and the certificate verified).
-	 */
-	if (pg_strncasecmp(stripe_meter_api_url, "http://", 7) == 0)
-		curl_easy_setopt(e, CURLOPT_PROXY, "");
-	curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
-	curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
-	if (stripe_meter_ca_file != NULL && stripe_meter_ca_file[0] != '\0')
-		curl_easy_setopt(e, CURLOPT_CAINFO, stripe_meter_ca_file);
-	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long) stripe_meter_connect_timeout);
-	curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long) stripe_meter_request_timeout);
+	StripeCurlSetTransport(e, url);
 	curl_easy_setopt(e, CURLOPT_POST, 1L);
 	curl_easy_setopt(e, CURLOPT_POSTFIELDS, body);
 	curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, (long) strlen(body));

@@ -295,6 +295,8 @@ extern int	StripeClientInFlight(void);
 extern bool StripeClientWait(long timeout_ms, StripeDoneCallback done);
 extern void StripeClientSettingsChanged(void);
 extern void StripeClientAppendEscaped(StringInfo buf, const char *s, int len);
+/* a libcurl easy handle (CURL *): its URL, TLS and transport settings */
+extern void StripeCurlSetTransport(void *handle, const char *url);
 
 /* ---- API v2: the meter event stream ---- */
 

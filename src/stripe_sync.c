@@ -211,20 +211,7 @@ StripeSyncRequest(const char *method, const char *path, const char *body,
 	PG_END_TRY();
 
 	errbuf[0] = '\0';
-	curl_easy_setopt(e, CURLOPT_URL, url);
-#if LIBCURL_VERSION_NUM >= 0x075500
-	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "https,http");
-#else
-	curl_easy_setopt(e, CURLOPT_PROTOCOLS, CURLPROTO_HTTPS | CURLPROTO_HTTP);
-#endif
-	curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
-	curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
-	if (stripe_meter_ca_file != NULL && stripe_meter_ca_file[0] != '\0')
-		curl_easy_setopt(e, CURLOPT_CAINFO, stripe_meter_ca_file);
-	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long) stripe_meter_connect_timeout);
-	curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long) stripe_meter_request_timeout);
+	StripeCurlSetTransport(e, url);
 	if (body != NULL)
 	{
 		curl_easy_setopt(e, CURLOPT_POST, 1L);

@@ -141,6 +141,10 @@ enqueue('plain', 2);
 wait_for($node, 'SELECT count(*) FROM stripe_meter.outbox', '0',
 	'plain http to loopback delivers (the wrong host\'s two events too)');
 is($plain->stats->{billed}, 4, 'straight to the server');
+my $before = $plain->stats->{requests};
+$node->safe_psql('postgres', 'SELECT stripe_meter_sync_meters()');
+cmp_ok($plain->stats->{requests}, '>', $before,
+	'a backend\'s own request (the meter sync) goes straight to the server too');
 is($proxy->stats->{requests}, 0, 'the proxy in http_proxy saw nothing');
 
 $node->stop;
