@@ -25,6 +25,7 @@ function life(st) {
       adjustments: [],        // adjustment objects, in order
       reports: [],            // v2 events, oldest first
       reportedUpTo: 0,        // index into st.events already examined
+      streamReportedUpTo: 0,  // index into st.asyncErrors (v2 stream) already reported
     };
   }
   return st.life;
@@ -324,6 +325,18 @@ function generateReports(ctx) {
     let g = groups.get(gk);
     if (!g) { g = { ev, type, code, samples: [] }; groups.set(gk, g); }
     g.samples.push({ error_message: msg, request: { id: ev.request_id, identifier: ev.identifier } });
+  }
+  // Stream events (API v2) Stripe accepted but refused on validation: the
+  // same reports, which is the only way a v2 sender learns of them.
+  for (; l.streamReportedUpTo < st.asyncErrors.length; l.streamReportedUpTo++) {
+    const a = st.asyncErrors[l.streamReportedUpTo];
+    const type = a.code === 'no_meter' ? 'v1.billing.meter.no_meter_found'
+      : 'v1.billing.meter.error_report_triggered';
+    const ev = { account: a.account, livemode: !!a.livemode, event_name: a.event_name };
+    const gk = ev.account + '|' + ev.livemode + '|' + type + '|' + ev.event_name + '|' + a.code;
+    let g = groups.get(gk);
+    if (!g) { g = { ev, type, code: a.code, samples: [] }; groups.set(gk, g); }
+    g.samples.push({ error_message: a.message, request: { id: a.request_id, identifier: a.identifier } });
   }
   for (const g of groups.values()) {
     const m = cfg.meters[g.ev.event_name];

@@ -1322,7 +1322,7 @@ function streamEvent(ctx, ev) {
     st.stats.async_errors++;
     st.asyncErrors.push({ identifier: ev.identifier || null, event_name: ev.event_name,
       code: asyncErrorCode(v.error.error, (cfg.meters[ev.event_name] || { customer_key: 'stripe_customer_id' }).customer_key), message: v.error.error.message,
-      account: ctx.stripeAccount || ctx.keyAccount, request_id: ctx.requestId, time: now });
+      account: ctx.stripeAccount || ctx.keyAccount, livemode: ctx.livemode, request_id: ctx.requestId, time: now });
     return;
   }
   const identifier = ev.identifier === undefined ? crypto.randomUUID() : keepStr(ev.identifier);

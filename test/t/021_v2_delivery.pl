@@ -195,6 +195,10 @@ wait_for($node, q{SELECT outcome FROM stripe_meter.meter_events WHERE identifier
 	'accepted', 'an event Stripe will refuse later is recorded as accepted');
 my ($async) = grep { ($_->{identifier} // '') eq 'async-1' } @{ $mock->async_errors };
 is($async && $async->{code}, 'no_meter', 'the mock reports it asynchronously (no_meter)');
+# ... and the worker's read of Stripe's error reports marks it not billed.
+set_conf($node, 'stripe_meter.error_poll_interval' => 1);
+wait_for($node, q{SELECT async_error_code FROM stripe_meter.meter_events WHERE identifier = 'async-1'},
+	'no_meter', 'the error report marks the accepted event as not billed');
 
 $node->stop;
 $mock->stop;
