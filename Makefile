@@ -48,3 +48,13 @@ PROVE_FLAGS += -I test/perl
 
 $(EXTENSION)--$(EXTVERSION).sql: $(EXTENSION).sql
 	cp $< $@
+
+# The long variants of the "under fire" tests and their figures; the suite
+# under AddressSanitizer (test/README.md).  Both run as scripts/test.sh does.
+soak:
+	bash scripts/soak.sh
+
+check-asan:
+	bash scripts/check-asan.sh
+
+.PHONY: soak check-asan
