@@ -6,7 +6,7 @@
 # back, and after a key reload when the key was refused.  The 401 pause is
 # covered by 003_pause.pl.
 #
-# Fast: 2,000 events under faults, 6 s unreachable.  Long
+# Fast: 1,500 events under faults, 6 s unreachable.  Long
 # (STRIPE_METER_SOAK=1): 100,000 events under faults, 3 minutes unreachable.
 use strict;
 use warnings;
@@ -19,8 +19,8 @@ use Time::HiRes qw(time);
 use StripeMeterTest;
 use StripeMeterSoak;
 
-my $fault_events = fast_or_long(2000, 100_000);
-my $storm_events = fast_or_long(2000, 10_000);
+my $fault_events = fast_or_long(1500, 100_000);
+my $storm_events = fast_or_long(1200, 10_000);
 my $down_events = fast_or_long(500, 5000);
 my $down_seconds = fast_or_long(6, 180);
 
