@@ -73,3 +73,13 @@ STRIPE_METER_FUZZ_SEED ?= random
 fuzz: PROVE_TESTS = test/t/016_fuzz_input.pl
 fuzz:
 	STRIPE_METER_FUZZ_CASES=$(STRIPE_METER_FUZZ_CASES) STRIPE_METER_FUZZ_SEED=$(STRIPE_METER_FUZZ_SEED) $(prove_installcheck)
+
+# The long variants of the "under fire" tests and their figures; the suite
+# under AddressSanitizer (test/README.md).  Both run as scripts/test.sh does.
+soak:
+	bash scripts/soak.sh
+
+check-asan:
+	bash scripts/check-asan.sh
+
+.PHONY: soak check-asan

@@ -35,12 +35,66 @@ typedef struct StorableCheck
 	bool		ok;
 } StorableCheck;
 
+/* deeper than any answer of Stripe's; the parser recurses per level */
+#define MAX_STORABLE_DEPTH	64
+
 static void
 check_scalar(void *state, char *token, JsonTokenType tokentype)
 {
-	/* numeric input refuses absurd numbers; keep them out of jsonb_in */
-	if (tokentype == JSON_TOKEN_NUMBER && strlen(token) > 100)
+	const char *e;
+
+	if (tokentype != JSON_TOKEN_NUMBER)
+		return;
+
+	/*
+	 * numeric input raises an ERROR for absurd numbers (too long, or an
+	 * exponent beyond its range such as 1e999999); keep them out of jsonb_in
+	 */
+	if (strlen(token) > 100)
 		((StorableCheck *) state)->ok = false;
+	else if ((e = strpbrk(token, "eE")) != NULL)
+	{
+		long		exponent = strtol(e + 1, NULL, 10);
+
+		if (exponent > 1000 || exponent < -1000)
+			((StorableCheck *) state)->ok = false;
+	}
+}
+
+/*
+ * True when the JSON text nests objects and arrays at most max_depth deep.
+ * The parser checks the stack depth with an ERROR, which the worker must not
+ * raise for what a server sent.
+ */
+static bool
+nesting_within(const char *json, size_t len, int max_depth)
+{
+	int			depth = 0;
+	bool		in_string = false;
+	size_t		i;
+
+	for (i = 0; i < len; i++)
+	{
+		char		c = json[i];
+
+		if (in_string)
+		{
+			if (c == '\\')
+				i++;
+			else if (c == '"')
+				in_string = false;
+		}
+		else if (c == '"')
+			in_string = true;
+		else if (c == '{' || c == '[')
+		{
+			if (++depth > max_depth)
+				return false;
+		}
+		else if (c == '}' || c == ']')
+			depth--;
+	}
+	return true;
 }
 
 /*
@@ -64,6 +118,8 @@ DeliveryJsonIsStorable(const char *json, size_t len)
 	if (i == len || json[i] != '{' || memchr(json, '\0', len) != NULL)
 		return false;
 	if (pg_verify_mbstr(GetDatabaseEncoding(), json, len, true) == false)
+		return false;
+	if (!nesting_within(json, len, MAX_STORABLE_DEPTH))
 		return false;
 
 	memset(&sem, 0, sizeof(sem));
