@@ -91,8 +91,9 @@ static bool api_switch_pending = false; /* it changed: drain, then exit */
 static double limiter_tokens = 0;
 static TimestampTz limiter_refilled_at = 0;
 static double limiter_backoff_rate = 0; /* 0: not backing off */
-static TimestampTz limiter_last_429 = 0;
-static TimestampTz limiter_grown_at = 0;
+static TimestampTz limiter_window_start = 0;	/* a quarter second of answers */
+static int	limiter_window_answers = 0;
+static int	limiter_window_429s = 0;
 static double sent_this_second = 0;
 static double send_rate = 0;
 static TimestampTz rate_second_start = 0;
@@ -188,28 +189,24 @@ limiter_take(TimestampTz now, long *wait_ms)
 	return false;
 }
 
-/*
- * 429: halve the rate, at most once per short period, starting from what
- * was being sent (or a modest rate when the sender was nearly idle).
- */
+/* count an answer (or a failed session creation) for the limiter */
 static void
-limiter_on_429(TimestampTz now)
+limiter_on_answer(bool rate_limited)
 {
-	double		base;
-
-	if (limiter_last_429 != 0 &&
-		!TimestampDifferenceExceeds(limiter_last_429, now, 200))
-		return;
-	base = limiter_backoff_rate > 0 ? limiter_backoff_rate : Max(send_rate, 50.0);
-	limiter_backoff_rate = Max(2.0, base / 2.0);
-	limiter_last_429 = now;
-	limiter_grown_at = now;
+	limiter_window_answers++;
+	if (rate_limited)
+		limiter_window_429s++;
 }
 
 /*
- * Measure the send rate each second; while backing off, grow the rate back
- * by a quarter every 250 ms without a 429, and stop limiting once it is
- * past the configured limit (or well past what is being sent).
+ * Measure the send rate each second, and adjust the rate limit every
+ * quarter second from the answers in it: when at least a tenth were 429,
+ * halve it (starting from what was being sent, or a modest rate when the
+ * sender was nearly idle); when a few were, hold it; when none were, grow
+ * it back by a quarter, and stop limiting once it is past the configured
+ * limit (or well past what is being sent).  A stray 429 (Stripe also uses
+ * it for lock contention) therefore never collapses the rate, while a real
+ * limit halves it every quarter second until the 429s stop.
  */
 static void
 limiter_tick(TimestampTz now)
@@ -223,18 +220,29 @@ limiter_tick(TimestampTz now)
 		rate_second_start = now;
 	}
 
-	if (limiter_backoff_rate > 0 &&
-		TimestampDifferenceExceeds(limiter_grown_at, now, 250) &&
-		TimestampDifferenceExceeds(limiter_last_429, now, 250))
+	if (limiter_window_start == 0)
+		limiter_window_start = now;
+	if (!TimestampDifferenceExceeds(limiter_window_start, now, 250))
+		return;
+
+	if (limiter_window_429s > 0 && limiter_window_429s * 10 >= limiter_window_answers)
+	{
+		double		base = limiter_backoff_rate > 0 ? limiter_backoff_rate : Max(send_rate, 50.0);
+
+		limiter_backoff_rate = Max(2.0, base / 2.0);
+	}
+	else if (limiter_window_429s == 0 && limiter_backoff_rate > 0)
 	{
 		double		limit = StripeMeterEffectiveRateLimit();
 
 		limiter_backoff_rate *= 1.25;
-		limiter_grown_at = now;
 		if ((limit > 0 && limiter_backoff_rate >= limit) ||
 			(limit == 0 && limiter_backoff_rate > 2 * Max(send_rate, 100.0)))
 			limiter_backoff_rate = 0;
 	}
+	limiter_window_start = now;
+	limiter_window_answers = 0;
+	limiter_window_429s = 0;
 }
 
 /*
@@ -355,8 +363,7 @@ settle_event(ClaimedEvent *e)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
-	if (e->outcome.rate_limited)
-		limiter_on_429(now);
+	limiter_on_answer(e->outcome.rate_limited);
 	if (e->outcome.verdict == VERDICT_PAUSE)
 		set_paused(e->outcome.reason);
 	if (e->outcome.verdict == VERDICT_FAIL || e->outcome.verdict == VERDICT_RETRY)
@@ -420,8 +427,7 @@ requeue_event(ClaimedEvent *e)
 static void
 session_trouble(const DeliveryOutcome *outcome)
 {
-	if (outcome->rate_limited)
-		limiter_on_429(GetCurrentTimestamp());
+	limiter_on_answer(outcome->rate_limited);
 	if (outcome->verdict == VERDICT_PAUSE)
 		set_paused(outcome->reason);
 	else
