@@ -8,6 +8,7 @@
 
 const http = require('http');
 const crypto = require('crypto');
+const { performance } = require('perf_hooks');
 
 // ---------------------------------------------------------------------------
 // Constants
@@ -445,6 +446,9 @@ function onStripeRequest(req, res, path) {
     stripeVersion: req.headers['stripe-version'] || cfg.default_stripe_version,
     idemKey: req.headers['idempotency-key'] || undefined,
     t0: Date.now(),
+    // arrival on the Date.now() clock with sub-millisecond precision, so a
+    // benchmark can measure commit-to-arrival latency
+    arrivedAt: performance.timeOrigin + performance.now(),
     fault: null,
     extraDelay: 0,
     latencyDone: false,
@@ -700,7 +704,7 @@ class IdemEntry {
 
 class EventRecord {
   constructor(identifier, eventName, payload, timestamp, account, livemode, idemKey,
-    stripeVersion, userAgent, apiKey, requestId, billedAt) {
+    stripeVersion, userAgent, apiKey, requestId, billedAt, arrivedAt) {
     this.identifier = identifier;
     this.event_name = eventName;
     this.payload = payload;
@@ -713,6 +717,7 @@ class EventRecord {
     this.api_key = apiKey;
     this.request_id = requestId;
     this.billed_at = billedAt;
+    this.arrived_at = arrivedAt;  // when the request arrived (ms, fractional)
   }
 }
 
@@ -1029,7 +1034,8 @@ function decideMeterEvent(ctx, v) {
     intern(ctx.headers['user-agent'] || null),
     intern(ctx.apiKey),
     ctx.requestId,
-    now);
+    now,
+    ctx.arrivedAt);
   st.events.push(ev);
   st.stats.billed++;
   if (info) {
