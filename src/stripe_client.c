@@ -30,6 +30,10 @@
 
 #include <sys/socket.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/epoll.h>
+#define USE_CURL_EPOLL
+#endif
 
 #include <curl/curl.h>
 
@@ -47,6 +51,7 @@
 /* Stripe's bodies are a few hundred bytes; anything past this is refused */
 #define MAX_RESPONSE_BYTES	(256 * 1024)
 #define MAX_WAIT_EVENTS		64
+#define MAX_SOCKET_EVENTS	256
 
 typedef struct StripeRequest
 {
@@ -74,6 +79,19 @@ static CURLM *multi = NULL;
 static HTAB *sockets = NULL;
 static WaitEventSet *wait_set = NULL;
 static bool wait_set_dirty = true;
+
+/*
+ * On Linux curl's sockets live in an epoll set of their own, changed one
+ * socket at a time as curl asks, and the wait set holds only the latch,
+ * postmaster death and that epoll descriptor, so it is never rebuilt.
+ * Elsewhere the wait set holds the sockets and is rebuilt when one goes
+ * away, which costs a system call per socket in flight each time a
+ * connection finishes a transfer (measured: about a sixth of the worker's
+ * CPU at 256 requests in flight).
+ */
+#ifdef USE_CURL_EPOLL
+static int	curl_epoll_fd = -1;
+#endif
 static TimestampTz curl_deadline = 0;	/* 0: no timer */
 static int	in_flight = 0;
 static StripeRequest *free_requests = NULL;
@@ -106,14 +124,21 @@ open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *address)
 	s = socket(address->family, address->socktype, address->protocol);
 	if (s == CURL_SOCKET_BAD)
 		ReleaseExternalFD();
+	else
+		hash_search(sockets, &s, HASH_REMOVE, NULL);	/* a reused number */
 	return s;
 }
 
 static int
 close_socket(void *clientp, curl_socket_t s)
 {
-	int			rc = close(s);
+	int			rc;
 
+	hash_search(sockets, &s, HASH_REMOVE, NULL);
+#ifdef USE_CURL_EPOLL
+	(void) epoll_ctl(curl_epoll_fd, EPOLL_CTL_DEL, s, NULL);
+#endif
+	rc = close(s);
 	ReleaseExternalFD();
 	return rc;
 }
@@ -128,7 +153,11 @@ socket_callback(CURL *easy, curl_socket_t s, int what, void *userp, void *socket
 	if (what == CURL_POLL_REMOVE)
 	{
 		hash_search(sockets, &s, HASH_REMOVE, NULL);
+#ifdef USE_CURL_EPOLL
+		(void) epoll_ctl(curl_epoll_fd, EPOLL_CTL_DEL, s, NULL);
+#else
 		wait_set_dirty = true;
+#endif
 		return 0;
 	}
 	if (what & CURL_POLL_IN)
@@ -142,6 +171,26 @@ socket_callback(CURL *easy, curl_socket_t s, int what, void *userp, void *socket
 	if (found && entry->events == events)
 		return 0;
 	entry->events = events;
+#ifdef USE_CURL_EPOLL
+	{
+		struct epoll_event ev;
+
+		memset(&ev, 0, sizeof(ev));
+		ev.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0) |
+			((what & CURL_POLL_OUT) ? EPOLLOUT : 0);
+		ev.data.fd = s;
+		if (epoll_ctl(curl_epoll_fd, entry->pos >= 0 ? EPOLL_CTL_MOD : EPOLL_CTL_ADD,
+					  s, &ev) != 0 &&
+			epoll_ctl(curl_epoll_fd, entry->pos >= 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD,
+					  s, &ev) != 0)
+		{
+			hash_search(sockets, &s, HASH_REMOVE, NULL);
+			return -1;			/* curl fails this transfer */
+		}
+		entry->pos = 0;			/* registered */
+	}
+	return 0;
+#endif
 	if (!wait_set_dirty && entry->pos >= 0 && events != 0)
 		ModifyWaitEvent(wait_set, entry->pos, events, NULL);
 	else
@@ -234,6 +283,15 @@ StripeClientInit(void)
 	ctl.hcxt = client_cxt;
 	sockets = hash_create("stripe_meter curl sockets", 256, &ctl,
 						  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+#ifdef USE_CURL_EPOLL
+	ReserveExternalFD();
+	curl_epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+	if (curl_epoll_fd < 0)
+		ereport(ERROR,
+				(errcode_for_socket_access(),
+				 errmsg("could not create an epoll descriptor for the HTTP client: %m")));
+#endif
 
 	multi = curl_multi_init();
 	if (multi == NULL)
@@ -417,9 +475,14 @@ rebuild_wait_set(void)
 
 	if (wait_set != NULL)
 		FreeWaitEventSet(wait_set);
-	wait_set = CreateWaitEventSet(client_cxt, (int) nsockets + 2);
+	wait_set = CreateWaitEventSet(client_cxt, (int) nsockets + 3);
 	AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 	AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+#ifdef USE_CURL_EPOLL
+	AddWaitEventToSet(wait_set, WL_SOCKET_READABLE, curl_epoll_fd, NULL, NULL);
+	wait_set_dirty = false;
+	return;
+#endif
 
 	hash_seq_init(&seq, sockets);
 	while ((entry = hash_seq_search(&seq)) != NULL)
@@ -474,6 +537,32 @@ drain_finished(StripeDoneCallback done)
 	}
 }
 
+#ifdef USE_CURL_EPOLL
+/* let curl act on every socket that is ready, without waiting */
+static void
+drive_ready_sockets(void)
+{
+	struct epoll_event ready[MAX_SOCKET_EVENTS];
+	int			n;
+	int			i;
+	int			running;
+
+	n = epoll_wait(curl_epoll_fd, ready, MAX_SOCKET_EVENTS, 0);
+	for (i = 0; i < n; i++)
+	{
+		int			flags = 0;
+
+		if (ready[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+			flags |= CURL_CSELECT_IN;
+		if (ready[i].events & EPOLLOUT)
+			flags |= CURL_CSELECT_OUT;
+		if (ready[i].events & EPOLLERR)
+			flags |= CURL_CSELECT_ERR;
+		curl_multi_socket_action(multi, ready[i].data.fd, flags, &running);
+	}
+}
+#endif
+
 /*
  * StripeClientWait
  *		Wait up to timeout_ms (-1: no limit) for the latch or curl's sockets,
@@ -516,6 +605,10 @@ StripeClientWait(long timeout_ms, StripeDoneCallback done)
 			ResetLatch(MyLatch);
 			latch_set = true;
 		}
+#ifdef USE_CURL_EPOLL
+		else if (events[i].fd == curl_epoll_fd)
+			drive_ready_sockets();
+#endif
 		else if (events[i].events & (WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE))
 		{
 			int			flags = 0;
