@@ -638,6 +638,31 @@ StripeClientWait(long timeout_ms, StripeDoneCallback done)
 void
 StripeClientSettingsChanged(void)
 {
-	if (multi != NULL)
-		curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long) stripe_meter_max_in_flight);
+	static int	logged_for = 0;
+	long		connections;
+
+	if (multi == NULL)
+		return;
+
+	/*
+	 * Every request in flight holds a connection, and so a descriptor, and
+	 * fd.c grants a process only a third of its safe descriptors for such
+	 * use.  Past that, sockets would fail to open and their requests be
+	 * retried in a loop (measured: 512 in flight delivered less than 256);
+	 * capped, curl queues the excess until a connection is free.
+	 */
+	connections = Max(1, max_safe_fds / 3 - 8);
+	if (stripe_meter_max_in_flight > connections &&
+		logged_for != stripe_meter_max_in_flight)
+	{
+		logged_for = stripe_meter_max_in_flight;
+		ereport(LOG,
+				(errmsg("stripe_meter worker can open only %ld connections, fewer than stripe_meter.max_in_flight (%d)",
+						connections, stripe_meter_max_in_flight),
+				 errhint("Raise max_files_per_process, and the server's open files limit, to about %d.",
+						 3 * stripe_meter_max_in_flight + 100)));
+	}
+	connections = Min(connections, (long) stripe_meter_max_in_flight);
+	curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, connections);
+	curl_multi_setopt(multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, connections);
 }
