@@ -16,6 +16,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# room for 512 connections in the worker and the SDK baseline's sockets
+nofile="$(ulimit -Hn)"
+{ [ "$nofile" = unlimited ] || [ "$nofile" -gt 8192 ]; } && nofile=8192
+ulimit -n "$nofile" 2>/dev/null || true
+
 # the mock first: the cluster's configuration names its port
 node --max-old-space-size=4096 test/mock/stripe-mock.js --port 0 >"$tmp/mock.out" 2>"$tmp/mock.log" &
 mock_pid=$!
@@ -27,12 +32,16 @@ mock_port="$(sed -n 's/.*"listening":\([0-9]*\).*/\1/p' "$tmp/mock.out")"
 # Server settings: PostgreSQL defaults except what a 1,000,000-event backlog
 # and 100 SDK connections need; stripe_meter at its defaults except the
 # client-side rate limit (lifted, as the goals say) and the key and URL.
+# Each request in flight holds a socket, and a process may use only a third
+# of max_files_per_process for sockets: 2000 allows the 512 of the scaling
+# run (bench/README.md, "Requests in flight and file descriptors").
 cat >>"$data/postgresql.conf" <<EOF
 listen_addresses = ''
 unix_socket_directories = '$tmp'
 max_connections = 250
 shared_buffers = 512MB
 max_wal_size = 4GB
+max_files_per_process = 2000
 log_min_messages = warning
 shared_preload_libraries = 'stripe_meter'
 stripe_meter.api_key = 'sk_test_benchMockKey0000'

@@ -615,10 +615,10 @@ function report(R) {
     'timed from enabling the worker (reload) to an empty outbox. stripe_meter at its defaults except `rate_limit = 0`.',
     '"many": 10,000 customers; "skewed": 8 customers hold 80 % of the events (10 % each), 10,000 others the rest.',
     'CPU is user+system from /proc; "PostgreSQL" is every server process (postmaster, its children, and exited children).', '');
-  L.push('| customers | mock latency | events | seconds | events/s | worker CPU s / 1,000 ev | PostgreSQL CPU s / 1,000 ev (µs/ev) | mock CPU s / 1,000 ev | 429s (same customer) |',
-    '|---|---|---|---|---|---|---|---|---|');
+  L.push('| customers | mock latency | events | seconds | events/s | worker CPU s / 1,000 ev | PostgreSQL CPU s / 1,000 ev (µs/ev) | mock CPU s / 1,000 ev | cores busy (PostgreSQL + mock) | 429s (same customer) |',
+    '|---|---|---|---|---|---|---|---|---|---|');
   for (const r of R.drain) {
-    L.push(`| ${r.customers} | ${r.latency} ms | ${fmt(r.delivered)}${r.complete ? '' : ' (timeout)'} | ${fmt(r.secs, 2)} | ${fmt(r.evs)} | ${fmt(1000 * r.workerCpu / r.delivered, 3)} | ${fmt(1000 * r.pgCpu / r.delivered, 3)} (${fmt(us(r.pgCpu, r.delivered), 1)}) | ${fmt(1000 * r.mockCpu / r.delivered, 3)} | ${fmt(r.concurrencyViolations)} |`);
+    L.push(`| ${r.customers} | ${r.latency} ms | ${fmt(r.delivered)}${r.complete ? '' : ' (timeout)'} | ${fmt(r.secs, 2)} | ${fmt(r.evs)} | ${fmt(1000 * r.workerCpu / r.delivered, 3)} | ${fmt(1000 * r.pgCpu / r.delivered, 3)} (${fmt(us(r.pgCpu, r.delivered), 1)}) | ${fmt(1000 * r.mockCpu / r.delivered, 3)} | ${fmt((r.pgCpu + r.mockCpu) / r.secs, 2)} of ${m.cores} | ${fmt(r.concurrencyViolations)} |`);
   }
   L.push('', 'The skewed case runs at 0 ms only: with one call per customer and meter in flight, a customer holding',
     '10 % of N events needs at least N/10 × latency (10,000 × 100 ms = 1,000 s at 100 ms), whatever the sender.', '');
@@ -675,7 +675,22 @@ function report(R) {
   L.push('| max_in_flight | events/s | ideal (in flight / 100 ms) | efficiency |', '|---|---|---|---|');
   for (const r of R.scaling) L.push(`| ${r.maxInFlight} | ${fmt(r.evs)} | ${fmt(r.ideal)} | ${pct(r.evs, r.ideal)} |`);
   L.push('');
-  if (R.notes) L.push('## Notes', '', ...R.notes, '');
+  // what explains the figures, derived from them
+  const notes = [...(R.notes || [])];
+  const load = Number(m.load.split(' ')[0]);
+  if (load > 0.5 * m.cores) {
+    notes.push(`- The machine was busy when the run started (load average ${m.load} on ${m.cores} cores): every figure here is lower, and CPU per event higher, than on an idle machine.`);
+  }
+  const busy0 = (d0.pgCpu + d0.mockCpu) / d0.secs;
+  if (d0.evs < 6000) {
+    notes.push(`- At 0 ms the worker, the rest of PostgreSQL and the mock share ${m.cores} cores: together they kept ${fmt(busy0, 2)} cores busy, at ${fmt(1e6 * d0.pgCpu / d0.delivered)} µs (PostgreSQL) + ${fmt(1e6 * d0.mockCpu / d0.delivered)} µs (mock) of CPU per event, so ${fmt(1e6 * m.cores / (1e6 * (d0.pgCpu + d0.mockCpu) / d0.delivered))} events/s is the most this machine could give with every core on it. The mock alone reaches ${fmt(ceiling)} events/s under wrk.`);
+  }
+  if (d100.evs < 4000) {
+    const top = R.scaling[R.scaling.length - 1];
+    notes.push(`- At 100 ms, ${fmt(d100.evs)} events/s against an ideal of ${fmt(top.ideal)} for ${top.maxInFlight} in flight: the rate is bounded by CPU (${fmt((d100.pgCpu + d100.mockCpu) / d100.secs, 2)} of ${m.cores} cores busy) rather than by the window when the two are far apart.`);
+  }
+  notes.push('- Every request in flight holds its own HTTP/1.1 connection, and PostgreSQL lets a process use about a third of `max_files_per_process` for sockets; the worker caps its connections there (and says so in the log), so with the default 1000 it keeps about 320 requests in flight, 3,200 events/s at 100 ms. This run sets `max_files_per_process = 2000`.');
+  L.push('## Notes', '', ...notes, '');
   return L.join('\n');
 }
 
