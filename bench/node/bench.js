@@ -604,7 +604,7 @@ function report(R) {
   L.push(`| at least 4,000 events/s at 100 ms | ${fmt(d100.evs)} events/s | ${goal(d100.evs >= 4000)} |`);
   L.push(`| at least 6,000 events/s at 0 ms | ${fmt(d0.evs)} events/s | ${goal(d0.evs >= 6000)} |`);
   L.push(`| at least 70 % of the mock's ceiling at 0 ms | ${pct(d0.evs, ceiling)} of ${fmt(ceiling)} events/s | ${goal(d0.evs >= 0.7 * ceiling)} |`);
-  L.push(`| at most 100 µs PostgreSQL CPU per delivered event | worst latency: ${fmt(pgUs, 1)} µs | ${goal(pgUs <= 100)} |`);
+  L.push(`| at most 100 µs PostgreSQL CPU per delivered event | highest of the three latencies: ${fmt(pgUs, 1)} µs | ${goal(pgUs <= 100)} |`);
   const ahead = R.latenciesAhead = P.latencies.map((lat) => {
     const ours = R.drain.find((r) => r.latency === lat && r.customers === 'many');
     const b = sdkBest(lat);
@@ -710,6 +710,14 @@ function report(R) {
   if (d100.evs < 4000) {
     const top = R.scaling[R.scaling.length - 1];
     notes.push(`- At 100 ms, ${fmt(d100.evs)} events/s against an ideal of ${fmt(top.ideal)} for ${top.maxInFlight} in flight: the rate is bounded by CPU (${fmt((d100.pgCpu + d100.mockCpu) / d100.secs, 2)} of ${m.cores} cores busy) rather than by the window when the two are far apart.`);
+  }
+  if (enqRatioF > 1.3 || enqRatioI > 1.3) {
+    notes.push('- Enqueue: perf on the pgbench backends (direct INSERT, worker disabled) puts the extra cost in the validation trigger'
+      + ' (about 30 % of the backend: a SECURITY DEFINER call with its own search_path; inside it an SPI query per row that checks the'
+      + ' identifier against meter_events and failed_events, about 13 %, the meter keys lookup, about 7 %, and the UUID from'
+      + ' pg_strong_random, about 5 %) and in the commit-time wake-up of the worker (a kill() per commit, about 14 %, since a'
+      + ' paused or idle worker sleeps on its latch). The function adds a second SECURITY DEFINER call and an SPI INSERT.'
+      + ' None of these is in the worker (src/enqueue.c, src/outbox.c, src/shmem.c).');
   }
   notes.push('- Every request in flight holds its own HTTP/1.1 connection, and PostgreSQL lets a process use about a third of `max_files_per_process` for sockets; the worker caps its connections there (and says so in the log), so with the default 1000 it keeps about 320 requests in flight, 3,200 events/s at 100 ms. This run sets `max_files_per_process = 2000`.');
   L.push('## Notes', '', ...notes, '');
