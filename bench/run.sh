@@ -75,7 +75,8 @@ status=0
 run_as "cd '$work' && PGBIN='$pgbin' BENCH_MODE='$mode' bash bench/lib/bench.sh" || status=$?
 
 if [ "$work" != "$src" ]; then
-	for f in RESULTS.md scaling.png; do
+	mkdir -p "$src/bench/out"
+	for f in RESULTS.md scaling.png out/results.json; do
 		[ -f "$work/bench/$f" ] && cp "$work/bench/$f" "$src/bench/$f"
 	done
 	if [ $status -eq 0 ] && [ -z "${BENCH_KEEP:-}" ]; then rm -rf "$work"; else echo "(work tree kept in $work)"; fi
