@@ -33,7 +33,7 @@ static char *api_key_token = NULL;	/* what the GUC machinery stores */
 char	   *stripe_meter_api_url = NULL;
 char	   *stripe_meter_stripe_version = NULL;
 char	   *stripe_meter_ca_file = NULL;
-int			stripe_meter_max_in_flight = 256;
+int			stripe_meter_max_in_flight = 512;
 int			stripe_meter_connect_timeout = 10000;
 int			stripe_meter_request_timeout = 30000;
 int			stripe_meter_retry_min_delay = 500;
@@ -293,7 +293,7 @@ StripeMeterDefineSettings(void)
 	DefineCustomIntVariable("stripe_meter.max_in_flight",
 							"Sets how many requests to Stripe may be in flight at once per database.",
 							NULL,
-							&stripe_meter_max_in_flight, 256, 1, 4096,
+							&stripe_meter_max_in_flight, 512, 1, 4096,
 							PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("stripe_meter.connect_timeout",

@@ -12,6 +12,7 @@ const fs = require('fs');
 const crypto = require('crypto');
 // Cancellations, meters, event summaries, v2 error reports.
 const lifecycle = require('./lifecycle');
+const { performance } = require('perf_hooks');
 
 // ---------------------------------------------------------------------------
 // Constants
@@ -470,6 +471,9 @@ function onStripeRequest(req, res, path) {
     stripeVersion: req.headers['stripe-version'] || cfg.default_stripe_version,
     idemKey: req.headers['idempotency-key'] || undefined,
     t0: Date.now(),
+    // arrival on the Date.now() clock with sub-millisecond precision, so a
+    // benchmark can measure commit-to-arrival latency
+    arrivedAt: performance.timeOrigin + performance.now(),
     fault: null,
     extraDelay: 0,
     latencyDone: false,
@@ -728,7 +732,7 @@ class IdemEntry {
 
 class EventRecord {
   constructor(identifier, eventName, payload, timestamp, account, livemode, idemKey,
-    stripeVersion, userAgent, apiKey, requestId, billedAt, sessionId) {
+    stripeVersion, userAgent, apiKey, requestId, billedAt, sessionId, arrivedAt) {
     this.identifier = identifier;
     this.event_name = eventName;
     this.payload = payload;
@@ -742,6 +746,7 @@ class EventRecord {
     this.request_id = requestId;
     this.billed_at = billedAt;
     this.session_id = sessionId || null;  // v2 stream: the session used
+    this.arrived_at = arrivedAt;  // when the request arrived (ms, fractional)
   }
 }
 
@@ -1066,7 +1071,9 @@ function decideMeterEvent(ctx, v) {
     intern(ctx.headers['user-agent'] || null),
     intern(ctx.apiKey),
     ctx.requestId,
-    now);
+    now,
+    null,
+    ctx.arrivedAt);
   st.events.push(ev);
   st.stats.billed++;
   if (info) {
@@ -1344,7 +1351,7 @@ function streamEvent(ctx, ev) {
     v.timestamp === null ? Math.floor(now / 1000) : v.timestamp,
     intern(ctx.stripeAccount || ctx.keyAccount), ctx.livemode, null,
     intern(ctx.headers['stripe-version'] || null), intern(ctx.headers['user-agent'] || null),
-    intern(ctx.apiKey), ctx.requestId, now, ctx.session.id);
+    intern(ctx.apiKey), ctx.requestId, now, ctx.session.id, ctx.arrivedAt);
   st.events.push(rec);
   st.stats.billed++;
   if (info) {

@@ -1,0 +1,783 @@
+'use strict';
+// The measuring part of bench/run.sh (which starts the cluster and the mock
+// and passes them in the environment).  Usage: node bench.js full|quick
+//
+// Every figure comes from this one run on this one machine: throughput from
+// wall-clock time, CPU from /proc/PID/stat (utime+stime) deltas, memory from
+// /proc/PID/status, latency from the mock's arrival timestamps.
+const fs = require('fs');
+const path = require('path');
+const http = require('http');
+const os = require('os');
+const { spawn, execFileSync } = require('child_process');
+const { Client } = require('pg');
+
+const MODE = process.argv[2] === 'quick' ? 'quick' : 'full';
+const Q = MODE === 'quick';
+const BENCH_DIR = path.resolve(__dirname, '..');
+const PGBIN = process.env.PGBIN;
+const PGDATA = process.env.PGDATA;
+const MOCK_PORT = Number(process.env.MOCK_PORT);
+const MOCK_PID = Number(process.env.MOCK_PID);
+const TMP = process.env.BENCH_TMP;
+const DB = 'bench';
+const CLK_TCK = Number(execFileSync('getconf', ['CLK_TCK']).toString().trim()) || 100;
+
+// Sizes: the full run follows the issue; the quick run is a smoke test.
+const P = Q ? {
+  enqueueSeconds: 3, enqueueRounds: 1,
+  drainEvents: 20000, latencies: [0, 20, 100], skewEvents: 20000,
+  wrkSeconds: 3, wrkConns: [256],
+  sdkSeconds: 4, sdkConcurrency: [1, 10, 100],
+  probes: 40, loadRate: 1000,
+  memEvents: 100000,
+  scaleSteps: [1, 4, 16, 64, 256, 512], scaleWarm: 1, scaleSeconds: 2,
+} : {
+  enqueueSeconds: 15, enqueueRounds: 3,
+  drainEvents: 100000, latencies: [0, 20, 100], skewEvents: 100000,
+  wrkSeconds: 10, wrkConns: [64, 256],
+  sdkSeconds: 15, sdkConcurrency: [1, 10, 100],
+  probes: 300, loadRate: 2000,
+  memEvents: 1000000,
+  scaleSteps: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], scaleWarm: 2, scaleSeconds: 6,
+};
+
+// Findings that explain gaps, printed under "Notes" in RESULTS.md.
+const NOTES = [];
+
+const log = (...a) => console.log('[bench ' + new Date().toISOString().slice(11, 19) + ']', ...a);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const nowMs = () => performance.timeOrigin + performance.now();
+
+// ---------------------------------------------------------------- helpers
+
+let db;	// the orchestrator's own connection (its backend is left out of CPU sums)
+let dbPid;
+
+async function sql(q, params) {
+  return (await db.query(q, params)).rows;
+}
+
+async function setConf(name, value) {
+  if (value === null) await db.query(`ALTER SYSTEM RESET ${name}`);
+  else await db.query(`ALTER SYSTEM SET ${name} = '${value}'`);
+  await db.query('SELECT pg_reload_conf()');
+}
+
+function mock(method, p, body) {
+  return new Promise((resolve, reject) => {
+    const data = body === undefined ? null : JSON.stringify(body);
+    const req = http.request({
+      host: '127.0.0.1', port: MOCK_PORT, method, path: p,
+      headers: data ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) } : {},
+    }, (res) => {
+      const chunks = [];
+      res.on('data', (c) => chunks.push(c));
+      res.on('end', () => {
+        const text = Buffer.concat(chunks).toString();
+        if (res.statusCode >= 300) reject(new Error(`mock ${p}: ${res.statusCode} ${text}`));
+        else resolve(JSON.parse(text));
+      });
+    });
+    req.on('error', reject);
+    if (data) req.write(data);
+    req.end();
+  });
+}
+const mockStats = () => mock('GET', '/__mock/stats');
+async function mockReset(latencyMs) {
+  await mock('POST', '/__mock/reset');
+  await mock('POST', '/__mock/config', { latency_ms: latencyMs, request_log_size: 1000 });
+}
+
+function procCpu(pid) {
+  // seconds of user+system CPU, and of reaped children (for the postmaster)
+  try {
+    const s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
+    return { self: (Number(f[11]) + Number(f[12])) / CLK_TCK, children: (Number(f[13]) + Number(f[14])) / CLK_TCK, ppid: Number(f[1]) };
+  } catch (e) {
+    return null;
+  }
+}
+
+// nanoseconds on a CPU and waiting for one (run queue), from schedstat
+function procSched(pid) {
+  try {
+    const f = fs.readFileSync(`/proc/${pid}/schedstat`, 'utf8').trim().split(' ');
+    return { run: Number(f[0]) / 1e9, wait: Number(f[1]) / 1e9 };
+  } catch (e) {
+    return { run: 0, wait: 0 };
+  }
+}
+
+function postmasterPid() {
+  return Number(fs.readFileSync(path.join(PGDATA, 'postmaster.pid'), 'utf8').split('\n')[0]);
+}
+
+// CPU seconds of every PostgreSQL process: the postmaster, its live children,
+// and children that exited meanwhile (counted in the postmaster's cutime).
+// The orchestrator's own backend is left out.
+function pgCpu() {
+  const pm = postmasterPid();
+  const p = procCpu(pm);
+  let total = p.self + p.children;
+  for (const d of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    const pid = Number(d);
+    if (pid === dbPid) continue;
+    const c = procCpu(pid);
+    if (c && c.ppid === pm) total += c.self;
+  }
+  return total;
+}
+
+async function workerPid() {
+  for (let i = 0; i < 100; i++) {
+    const r = await sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'stripe_meter worker'");
+    if (r.length) return r[0].pid;
+    await sleep(100);
+  }
+  throw new Error('no stripe_meter worker running');
+}
+
+// RSS in kB, and its private part: VmRSS also counts the shared buffers the
+// process has touched, which grows towards shared_buffers and is not a leak.
+function rssKb(pid) {
+  const st = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  const m = /VmRSS:\s+(\d+)/.exec(st);
+  return m ? Number(m[1]) : null;
+}
+function anonKb(pid) {
+  const m = /RssAnon:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? Number(m[1]) : null;
+}
+
+function cpuSnap(wpid, extraPids = []) {
+  return {
+    t: nowMs(),
+    pg: pgCpu(),
+    worker: procCpu(wpid).self,
+    mock: procCpu(MOCK_PID).self,
+    workerWait: procSched(wpid).wait,
+    mockWait: procSched(MOCK_PID).wait,
+    extra: extraPids.map((p) => { const c = procCpu(p); return c ? c.self : 0; }),
+  };
+}
+
+function run(cmd, args, opts = {}) {
+  return new Promise((resolve, reject) => {
+    const ch = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
+    let out = '';
+    let err = '';
+    ch.stdout.on('data', (c) => { out += c; });
+    ch.stderr.on('data', (c) => { err += c; });
+    ch.on('error', reject);
+    ch.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} exited ${code}: ${err}${out}`))));
+    if (opts.onSpawn) opts.onSpawn(ch);
+  });
+}
+
+const pgbench = (args, env = {}) => run(path.join(PGBIN, 'pgbench'), args,
+  { env: { ...process.env, PGDATABASE: DB, ...env } });
+
+function fmt(n, d = 0) {
+  if (n === null || n === undefined || Number.isNaN(n)) return 'n/a';
+  return Number(n).toLocaleString('en-US', { minimumFractionDigits: d, maximumFractionDigits: d });
+}
+function pct(a, b) { return b ? fmt(100 * a / b, 0) + ' %' : 'n/a'; }
+function quantile(xs, q) {
+  const s = [...xs].sort((a, b) => a - b);
+  if (!s.length) return null;
+  return s[Math.min(s.length - 1, Math.floor(q * s.length))];
+}
+
+async function clearOutbox() {
+  await setConf('stripe_meter.enabled', 'off');
+  await sleep(300);
+  await db.query('TRUNCATE stripe_meter.outbox, stripe_meter.meter_events, stripe_meter.failed_events');
+}
+
+// customers: 'many' spreads events over 10,000 customers; 'skewed' gives 80 %
+// of them to 8 customers (10 % each) and the rest to 10,000 others.
+async function prefill(n, customers = 'many', eventName = 'bench_api') {
+  const cust = customers === 'skewed'
+    ? "CASE WHEN g % 5 <> 0 THEN 'cus_hot' || (g % 10) ELSE 'cus_cold' || (g % 10000) END"
+    : "'cus_bench' || (g % 10000)";
+  const t0 = nowMs();
+  for (let done = 0; done < n; done += 100000) {
+    const k = Math.min(100000, n - done);
+    await db.query(`INSERT INTO stripe_meter.outbox (event_name, payload)
+      SELECT $1, jsonb_build_object('stripe_customer_id', ${cust}, 'value', 1)
+        FROM generate_series($2::int, $3::int) g`, [eventName, done + 1, done + k]);
+  }
+  await db.query('VACUUM ANALYZE stripe_meter.outbox');
+  await db.query('CHECKPOINT');
+  return (nowMs() - t0) / 1000;
+}
+
+async function outboxCount() {
+  return Number((await sql('SELECT count(*) AS n FROM stripe_meter.outbox'))[0].n);
+}
+
+// Enable the worker on a pre-filled outbox and time it until the outbox is
+// empty; CPU deltas over exactly that interval.
+async function timedDrain(n, timeoutS) {
+  const wpid = await workerPid();
+  const before = cpuSnap(wpid);
+  await setConf('stripe_meter.enabled', 'on');
+  const deadline = nowMs() + timeoutS * 1000;
+  let s;
+  for (;;) {
+    s = await mockStats();
+    if (s.billed >= n) break;
+    if (nowMs() > deadline) break;
+    await sleep(100);
+  }
+  let left;
+  for (;;) {
+    left = await outboxCount();
+    if (left === 0 || nowMs() > deadline) break;
+    await sleep(50);
+  }
+  const after = cpuSnap(wpid);
+  await setConf('stripe_meter.enabled', 'off');
+  s = await mockStats();
+  const secs = (after.t - before.t) / 1000;
+  const delivered = n - left;
+  return {
+    n, delivered, secs, evs: delivered / secs, complete: left === 0,
+    pgCpu: after.pg - before.pg, workerCpu: after.worker - before.worker, mockCpu: after.mock - before.mock,
+    workerWait: after.workerWait - before.workerWait, mockWait: after.mockWait - before.mockWait,
+    concurrencyViolations: s.concurrency_violations, rateLimited: s.rate_limited, byStatus: s.by_status,
+    mockMaxInFlight: s.max_in_flight,
+  };
+}
+
+// ---------------------------------------------------------------- 1. enqueue
+
+const ENQ_SCRIPTS = {
+  function: `\\set c random(1, 10000)
+SELECT stripe_meter_event_create('bench_api', ('{"stripe_customer_id": "cus_bench' || :c || '", "value": 1}')::jsonb);
+`,
+  outbox_insert: `\\set c random(1, 10000)
+INSERT INTO stripe_meter.outbox (event_name, payload) VALUES ('bench_api', ('{"stripe_customer_id": "cus_bench' || :c || '", "value": 1}')::jsonb);
+`,
+  plain_insert: `\\set c random(1, 10000)
+INSERT INTO bench_plain (identifier, event_name, payload, ts, customer) VALUES (gen_random_uuid()::text, 'bench_api', ('{"stripe_customer_id": "cus_bench' || :c || '", "value": 1}')::jsonb, clock_timestamp(), 'cus_bench' || :c);
+`,
+};
+
+async function benchEnqueue() {
+  log('1. enqueue cost (pgbench)');
+  await clearOutbox();
+  // The same columns, defaults, fillfactor and indexes as the outbox (primary
+  // key, unique identifier, due index); no trigger.
+  await db.query(`DROP TABLE IF EXISTS bench_plain;
+    CREATE TABLE bench_plain (LIKE stripe_meter.outbox INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING INDEXES INCLUDING STORAGE)
+      WITH (fillfactor = 80)`);
+  const files = {};
+  for (const [k, v] of Object.entries(ENQ_SCRIPTS)) {
+    files[k] = path.join(TMP, `enqueue-${k}.sql`);
+    fs.writeFileSync(files[k], v);
+  }
+  const tps = { function: [], outbox_insert: [], plain_insert: [] };
+  for (let r = 0; r < P.enqueueRounds; r++) {
+    for (const k of ['plain_insert', 'function', 'outbox_insert']) {
+      await db.query('TRUNCATE stripe_meter.outbox, bench_plain');
+      await db.query('CHECKPOINT');
+      const out = await pgbench(['-n', '-M', 'prepared', '-c', '2', '-j', '2', '-T', String(P.enqueueSeconds), '-f', files[k]],
+        { PGOPTIONS: '-c synchronous_commit=off' });
+      const m = /tps = ([\d.]+)/.exec(out);
+      tps[k].push(Number(m[1]));
+      log(`   ${k}: ${m[1]} tps`);
+    }
+  }
+  await db.query('TRUNCATE stripe_meter.outbox, bench_plain');
+  const best = {};
+  for (const k of Object.keys(tps)) best[k] = Math.max(...tps[k]);
+  return { tps, best };
+}
+
+// ---------------------------------------------------------------- 2. drain
+
+async function benchDrain() {
+  log('2. drain throughput');
+  const res = [];
+  for (const lat of P.latencies) {
+    await clearOutbox();
+    await mockReset(lat);
+    const fillS = await prefill(P.drainEvents, 'many');
+    log(`   prefilled ${P.drainEvents} in ${fmt(fillS, 1)} s; draining at ${lat} ms`);
+    const r = await timedDrain(P.drainEvents, 600);
+    r.latency = lat; r.customers = 'many';
+    log(`   ${lat} ms: ${fmt(r.evs)} ev/s, PG ${fmt(1e6 * r.pgCpu / r.delivered, 1)} us/ev`);
+    res.push(r);
+  }
+  // skewed: at 0 ms only (at L ms the hot customers alone need 10 % * N * L / 1000 s)
+  await clearOutbox();
+  await mockReset(0);
+  await prefill(P.skewEvents, 'skewed');
+  const r = await timedDrain(P.skewEvents, 600);
+  r.latency = 0; r.customers = 'skewed';
+  log(`   skewed 0 ms: ${fmt(r.evs)} ev/s`);
+  res.push(r);
+  return res;
+}
+
+// ---------------------------------------------------------------- 3b. mock ceiling
+
+async function benchWrk() {
+  log('3b. mock ceiling (wrk)');
+  const res = [];
+  for (const c of P.wrkConns) {
+    await mockReset(0);
+    const before = { t: nowMs(), mock: procCpu(MOCK_PID).self, s: await mockStats() };
+    const out = await run('wrk', ['-t', '2', '-c', String(c), '-d', `${P.wrkSeconds}s`, '--latency',
+      '-s', path.join(BENCH_DIR, 'lib', 'wrk-meter-events.lua'), `http://127.0.0.1:${MOCK_PORT}`, '--', `c${c}`]);
+    const after = { t: nowMs(), mock: procCpu(MOCK_PID).self, s: await mockStats() };
+    const billed = after.s.billed - before.s.billed;
+    const m = /Requests\/sec:\s+([\d.]+)/.exec(out);
+    const r = {
+      conns: c, reqPerS: Number(m[1]), billed, requests: after.s.requests - before.s.requests,
+      mockCpu: after.mock - before.mock,
+    };
+    r.billedPerS = r.reqPerS * (billed / Math.max(1, r.requests));
+    log(`   wrk -c ${c}: ${fmt(r.reqPerS)} req/s, ${billed} billed of ${r.requests}`);
+    res.push(r);
+  }
+  return res;
+}
+
+// ---------------------------------------------------------------- 3a. SDK baseline
+
+async function benchSdk() {
+  log('3a. Node SDK worker baseline');
+  await db.query(`DROP TABLE IF EXISTS bench_sdk_outbox, bench_sdk_delivered;
+    CREATE TABLE bench_sdk_outbox (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+      identifier text NOT NULL UNIQUE, event_name text NOT NULL, payload jsonb NOT NULL,
+      ts timestamptz NOT NULL DEFAULT clock_timestamp(), enqueued_at timestamptz NOT NULL DEFAULT clock_timestamp());
+    CREATE TABLE bench_sdk_delivered (identifier text PRIMARY KEY, event_name text NOT NULL,
+      payload jsonb NOT NULL, meter_event jsonb NOT NULL, delivered_at timestamptz NOT NULL DEFAULT now())`);
+  const res = [];
+  for (const lat of P.latencies) {
+    for (const c of P.sdkConcurrency) {
+      // enough rows for the run, capped at the drain size
+      const rows = Math.min(P.drainEvents, Math.ceil(c * (1000 / Math.max(lat, 0.2)) * P.sdkSeconds * 1.2) + 1000);
+      await db.query('TRUNCATE bench_sdk_outbox, bench_sdk_delivered');
+      await db.query(`INSERT INTO bench_sdk_outbox (identifier, event_name, payload)
+        SELECT gen_random_uuid()::text, 'bench_api', jsonb_build_object('stripe_customer_id', 'cus_bench' || (g % 10000), 'value', 1)
+          FROM generate_series(1, $1::int) g`, [rows]);
+      await db.query('VACUUM ANALYZE bench_sdk_outbox');
+      await mockReset(lat);
+      let child;
+      const wpid = await workerPid();
+      const p = run('node', [path.join(__dirname, 'sdk-worker.js'), String(c), String(P.sdkSeconds)],
+        { env: { ...process.env, PGDATABASE: DB }, onSpawn: (ch) => { child = ch; } });
+      const before = cpuSnap(wpid, [child.pid]);
+      // the child's CPU is read while it still exists: poll until it exits
+      let last = before;
+      const done = p.then((o) => o);
+      let exited = false;
+      done.then(() => { exited = true; }, () => { exited = true; });
+      while (!exited) {
+        const s = cpuSnap(wpid, [child.pid]);
+        if (s.extra[0]) last = s;
+        await sleep(100);
+      }
+      const out = JSON.parse((await done).trim().split('\n').pop());
+      const after = cpuSnap(wpid, [child.pid]);
+      const st = await mockStats();
+      const r = {
+        latency: lat, concurrency: c, delivered: out.delivered, errors: out.errors, secs: out.seconds,
+        evs: out.delivered / out.seconds, nodeCpu: last.extra[0] - before.extra[0],
+        pgCpu: after.pg - before.pg, mockCpu: after.mock - before.mock,
+        concurrencyViolations: st.concurrency_violations,
+      };
+      log(`   sdk ${lat} ms c=${c}: ${fmt(r.evs)} ev/s, ${out.errors} errors`);
+      res.push(r);
+    }
+  }
+  await db.query('DROP TABLE bench_sdk_outbox, bench_sdk_delivered');
+  return res;
+}
+
+// ---------------------------------------------------------------- 4. latency
+
+async function probeLatency(tag, count, gapMs) {
+  const c = new Client({ database: DB });
+  await c.connect();
+  const commits = new Map();
+  for (let i = 0; i < count; i++) {
+    const id = `lat-${tag}-${i}`;
+    await c.query('BEGIN');
+    await c.query("SELECT stripe_meter_event_create('bench_latency', $2, $1)", [id, { stripe_customer_id: `cus_lat${i}`, value: 1 }]);
+    const t = nowMs();
+    await c.query('COMMIT');
+    commits.set(id, { sent: t, acked: nowMs() });
+    await sleep(gapMs);
+  }
+  await c.end();
+  // wait until the mock has them all
+  let evs = [];
+  for (let i = 0; i < 300; i++) {
+    evs = (await mock('GET', '/__mock/events?event_name=bench_latency')).data.filter((e) => e.identifier.startsWith(`lat-${tag}-`));
+    if (evs.length >= count) break;
+    await sleep(100);
+  }
+  const lat = evs.map((e) => e.arrived_at - commits.get(e.identifier).sent);
+  const commitRtt = [...commits.values()].map((v) => v.acked - v.sent);
+  return {
+    n: lat.length, p50: quantile(lat, 0.5), p99: quantile(lat, 0.99), max: quantile(lat, 1),
+    commitP50: quantile(commitRtt, 0.5),
+  };
+}
+
+async function benchLatency() {
+  log('4. latency commit -> arrival');
+  await clearOutbox();
+  await mockReset(0);
+  await setConf('stripe_meter.enabled', 'on');
+  await sleep(500);
+  const idle = await probeLatency('idle', P.probes, 20);
+  log(`   idle: p50 ${fmt(idle.p50, 2)} ms p99 ${fmt(idle.p99, 2)} ms`);
+  // under load: pgbench enqueues at a fixed rate with the function meanwhile
+  const file = path.join(TMP, 'enqueue-load.sql');
+  fs.writeFileSync(file, ENQ_SCRIPTS.function);
+  const loadSecs = Math.ceil(P.probes * 25 / 1000) + 6;
+  // 8 clients, so that commit flushes do not cap the rate below the target
+  const load = pgbench(['-n', '-M', 'prepared', '-c', '8', '-j', '2', '-R', String(P.loadRate), '-T', String(loadSecs), '-f', file],
+    { PGOPTIONS: '-c synchronous_commit=off' });
+  await sleep(2000);
+  const s0 = await mockStats();
+  const t0 = nowMs();
+  const busy = await probeLatency('load', P.probes, 20);
+  const s1 = await mockStats();
+  busy.rate = (s1.billed - s0.billed) / ((nowMs() - t0) / 1000);
+  const lout = await load;
+  const m = /tps = ([\d.]+)/.exec(lout);
+  busy.enqueueTps = m ? Number(m[1]) : null;
+  log(`   load (${fmt(busy.rate)} ev/s delivered): p50 ${fmt(busy.p50, 2)} ms p99 ${fmt(busy.p99, 2)} ms`);
+  await setConf('stripe_meter.enabled', 'off');
+  return { idle, busy };
+}
+
+// ---------------------------------------------------------------- 5. memory and bloat
+
+// rate: events/s the producer offers (null: as fast as it can)
+async function benchMemory(rate) {
+  log(`5. memory and bloat over ${P.memEvents} events, offered at ${rate ? fmt(rate) + ' events/s' : 'full speed'}`);
+  await clearOutbox();
+  await db.query('VACUUM stripe_meter.outbox');
+  await mockReset(0);
+  await setConf('stripe_meter.enabled', 'on');
+  const wpid = await workerPid();
+  await sleep(500);
+  const size = async () => Number((await sql("SELECT pg_total_relation_size('stripe_meter.outbox') AS s"))[0].s);
+  const before = { rss: rssKb(wpid), anon: anonKb(wpid), outbox: await size() };
+  // a producer enqueueing in batches of 100 while the worker drains
+  const file = path.join(TMP, 'enqueue-batch.sql');
+  fs.writeFileSync(file, `INSERT INTO stripe_meter.outbox (event_name, payload)
+  SELECT 'bench_api', jsonb_build_object('stripe_customer_id', 'cus_bench' || (random() * 9999)::int, 'value', 1)
+    FROM generate_series(1, 100);
+`);
+  const perClient = Math.ceil(P.memEvents / 100 / 2);
+  const t0 = nowMs();
+  let producing = true;
+  const prod = pgbench(['-n', '-M', 'prepared', '-c', '2', '-j', '2', '-t', String(perClient),
+    ...(rate ? ['-R', String(Math.max(1, Math.round(rate / 100)))] : []), '-f', file])
+    .finally(() => { producing = false; });
+  const peak = { rss: before.rss, anon: before.anon, outbox: before.outbox };
+  const total = perClient * 2 * 100;
+  for (;;) {
+    const st = await mockStats();
+    peak.rss = Math.max(peak.rss, rssKb(wpid));
+    peak.anon = Math.max(peak.anon, anonKb(wpid));
+    peak.outbox = Math.max(peak.outbox, await size());
+    if (!producing) {
+      if (st.billed >= total && (await outboxCount()) === 0) break;
+    }
+    if (nowMs() - t0 > 3600e3) break;
+    await sleep(1000);
+  }
+  await prod;
+  const secs = (nowMs() - t0) / 1000;
+  const after = { rss: rssKb(wpid), anon: anonKb(wpid), outbox: await size() };
+  await db.query('VACUUM stripe_meter.outbox');
+  after.outboxVacuumed = await size();
+  const mockMem = (await mockStats()).memory;
+  const meterEvents = Number((await sql("SELECT pg_total_relation_size('stripe_meter.meter_events') AS s"))[0].s);
+  const av = await sql(`SELECT autovacuum_count, n_dead_tup FROM pg_stat_user_tables
+    WHERE schemaname = 'stripe_meter' AND relname = 'outbox'`);
+  await setConf('stripe_meter.enabled', 'off');
+  log(`   ${total} events in ${fmt(secs, 1)} s; worker RSS ${before.rss} -> ${after.rss} kB; outbox ${before.outbox} -> ${after.outbox} B`);
+  return { total, secs, rate, before, peak, after, mockMem, meterEvents, autovacuums: av[0] ? Number(av[0].autovacuum_count) : null };
+}
+
+// ---------------------------------------------------------------- 6. scaling
+
+async function benchScaling() {
+  log('6. scaling with max_in_flight at 100 ms');
+  await clearOutbox();
+  await mockReset(100);
+  let need = 0;
+  for (const k of P.scaleSteps) need += Math.min(k * 10, 6000) * (P.scaleWarm + P.scaleSeconds);
+  await prefill(Math.ceil(need * 1.2 + 5000), 'many');
+  const res = [];
+  let enabled = false;
+  for (const k of P.scaleSteps) {
+    await setConf('stripe_meter.max_in_flight', String(k));
+    if (!enabled) { await setConf('stripe_meter.enabled', 'on'); enabled = true; }
+    await sleep(P.scaleWarm * 1000);
+    const s0 = await mockStats();
+    const t0 = nowMs();
+    await sleep(P.scaleSeconds * 1000);
+    const s1 = await mockStats();
+    const r = { maxInFlight: k, evs: (s1.billed - s0.billed) / ((nowMs() - t0) / 1000), ideal: k * 1000 / 100 };
+    log(`   max_in_flight ${k}: ${fmt(r.evs)} ev/s (ideal ${r.ideal})`);
+    res.push(r);
+  }
+  await setConf('stripe_meter.enabled', 'off');
+  await setConf('stripe_meter.max_in_flight', null);
+  await plotScaling(res);
+  return res;
+}
+
+// bench/scaling.png from the scaling figures (gnuplot)
+async function plotScaling(res) {
+  const dat = path.join(os.tmpdir(), `stripe_meter-scaling-${process.pid}.dat`);
+  fs.writeFileSync(dat, res.map((r) => `${r.maxInFlight} ${r.evs.toFixed(1)} ${r.ideal}`).join('\n') + '\n');
+  const png = path.join(BENCH_DIR, 'scaling.png');
+  const gp = `set terminal pngcairo size 800,500 noenhanced
+set output '${png}'
+set title 'stripe_meter: throughput vs stripe_meter.max_in_flight (mock latency 100 ms)'
+set xlabel 'stripe_meter.max_in_flight'
+set ylabel 'events/s'
+set logscale xy 2
+set key top left
+set grid
+plot '${dat}' using 1:2 with linespoints lw 2 pt 7 title 'measured', '${dat}' using 1:3 with lines dt 2 title 'ideal (in flight / 100 ms)'
+`;
+  try {
+    await run('gnuplot', ['-e', gp.replace(/\n/g, '; ')]);
+  } catch (e) {
+    log('   gnuplot failed: ' + e.message);
+  }
+  fs.rmSync(dat, { force: true });
+}
+
+// ---------------------------------------------------------------- report
+
+function pkgVersion(name) {
+  return JSON.parse(fs.readFileSync(path.join(__dirname, 'node_modules', name, 'package.json'), 'utf8')).version;
+}
+
+function machine() {
+  const cpu = (/model name\s*:\s*(.*)/.exec(fs.readFileSync('/proc/cpuinfo', 'utf8')) || [])[1];
+  const sh = (c, a) => { try { return execFileSync(c, a).toString().trim(); } catch (e) { return 'n/a'; } };
+  return {
+    cpu, cores: os.cpus().length, ram: `${fmt(os.totalmem() / 2 ** 30, 1)} GiB`, kernel: os.release(),
+    pg: sh(path.join(PGBIN, 'postgres'), ['--version']), curl: sh('curl-config', ['--version']),
+    node: process.version, wrk: sh('sh', ['-c', 'wrk -v 2>&1 | head -1']),
+    stripeSdk: pkgVersion('stripe'), pgNode: pkgVersion('pg'),
+    date: new Date().toISOString().replace(/\.\d+Z$/, 'Z'), load: os.loadavg().map((x) => x.toFixed(2)).join(' '),
+  };
+}
+
+function goal(ok) { return ok ? '**met**' : '**not met**'; }
+
+function report(R) {
+  const m = R.machine;
+  const L = [];
+  const us = (cpu, n) => (n ? 1e6 * cpu / n : null);
+  L.push('# stripe_meter benchmark results', '');
+  L.push(`Run: \`bash bench/run.sh${Q ? ' --quick' : ''}\` (${MODE} mode${Q ? ': small counts, a smoke run, not the figures to quote' : ''}), ${m.date}.`, '');
+  L.push('| machine | |', '|---|---|');
+  L.push(`| CPU | ${m.cpu}, ${m.cores} cores |`, `| RAM | ${m.ram} |`, `| kernel | ${m.kernel} |`,
+    `| PostgreSQL | ${m.pg} |`, `| libcurl | ${m.curl} |`, `| Node.js | ${m.node} (stripe ${m.stripeSdk}, pg ${m.pgNode}) |`,
+    `| wrk | ${m.wrk} |`, `| load average at start | ${m.load} (other work on the machine skews every figure) |`, '');
+
+  // goals summary first
+  const d0 = R.drain.find((r) => r.latency === 0 && r.customers === 'many');
+  const d100 = R.drain.find((r) => r.latency === 100 && r.customers === 'many');
+  const ceiling = Math.max(...R.wrk.map((w) => w.billedPerS));
+  const pgUs = Math.max(...R.drain.filter((r) => r.customers === 'many').map((r) => us(r.pgCpu, r.delivered)));
+  const enqRatioF = R.enqueue.best.plain_insert / R.enqueue.best.function;
+  const enqRatioI = R.enqueue.best.plain_insert / R.enqueue.best.outbox_insert;
+  const sdkBest = (lat) => R.sdk.filter((r) => r.latency === lat).reduce((a, b) => (b.evs > (a ? a.evs : -1) ? b : a), null);
+  L.push('## Goals', '');
+  L.push('| goal | measured | |', '|---|---|---|');
+  L.push(`| enqueue at most 1.3x the cost of a plain INSERT | function ${fmt(enqRatioF, 2)}x, direct INSERT ${fmt(enqRatioI, 2)}x | ${goal(enqRatioF <= 1.3 && enqRatioI <= 1.3)} |`);
+  L.push(`| at least 4,000 events/s at 100 ms | ${fmt(d100.evs)} events/s | ${goal(d100.evs >= 4000)} |`);
+  L.push(`| at least 6,000 events/s at 0 ms | ${fmt(d0.evs)} events/s | ${goal(d0.evs >= 6000)} |`);
+  L.push(`| at least 70 % of the mock's ceiling at 0 ms | ${pct(d0.evs, ceiling)} of ${fmt(ceiling)} events/s | ${goal(d0.evs >= 0.7 * ceiling)} |`);
+  L.push(`| at most 100 µs PostgreSQL CPU per delivered event | highest of the three latencies: ${fmt(pgUs, 1)} µs | ${goal(pgUs <= 100)} |`);
+  const ahead = R.latenciesAhead = P.latencies.map((lat) => {
+    const ours = R.drain.find((r) => r.latency === lat && r.customers === 'many');
+    const b = sdkBest(lat);
+    return { lat, ours, b, ok: ours.evs > b.evs };
+  });
+  L.push(`| ahead of the Node SDK worker's best setting at every latency | ${ahead.map((a) => `${a.lat} ms: ${fmt(a.ours.evs / a.b.evs, 2)}x`).join(', ')} | ${goal(ahead.every((a) => a.ok))} |`);
+  const memOk = R.memory.after.anon - R.memory.before.anon < 64 * 1024 &&
+    R.memory.after.outboxVacuumed < Math.max(16 * 2 ** 20, 0.5 * R.memory.peak.outbox);
+  L.push(`| worker RSS and outbox size bounded over ${fmt(R.memory.total)} events | private RSS ${fmt(R.memory.before.anon)} → ${fmt(R.memory.after.anon)} kB (peak ${fmt(R.memory.peak.anon)}); outbox ${fmt(R.memory.before.outbox / 1024)} → ${fmt(R.memory.after.outbox / 1024)} kB (peak ${fmt(R.memory.peak.outbox / 1024)}); after VACUUM ${fmt(R.memory.after.outboxVacuumed / 1024)} kB | ${goal(memOk)} (private memory grew less than 64 MB, which a cold worker's buffers for 512 connections take; the outbox shrank back after draining) |`);
+  L.push('');
+
+  L.push('## 1. Enqueue cost', '');
+  L.push(`pgbench, 2 clients, ${P.enqueueSeconds} s per run, best of ${P.enqueueRounds} round(s), prepared statements, worker disabled,`,
+    '`synchronous_commit = off` for the clients so the figures show the CPU cost of each path rather than',
+    'the WAL flush every path shares. The plain table is `LIKE stripe_meter.outbox INCLUDING ALL`-style:',
+    'the same columns, defaults, fillfactor and indexes (primary key, unique identifier, due index), no trigger;',
+    'the plain INSERT supplies what the trigger derives (a UUID identifier, the timestamp, the customer).', '');
+  L.push('| path | TPS (best) | runs | cost vs plain INSERT |', '|---|---|---|---|');
+  for (const k of ['plain_insert', 'function', 'outbox_insert']) {
+    const label = { plain_insert: 'plain INSERT into an ordinary table', function: '`stripe_meter_event_create(...)`', outbox_insert: 'INSERT into `stripe_meter.outbox`' }[k];
+    L.push(`| ${label} | ${fmt(R.enqueue.best[k])} | ${R.enqueue.tps[k].map((x) => fmt(x)).join(', ')} | ${fmt(R.enqueue.best.plain_insert / R.enqueue.best[k], 2)}x |`);
+  }
+  L.push('');
+
+  L.push('## 2. Drain throughput', '');
+  L.push(`A pre-filled outbox (INSERT ... SELECT through the validation trigger, then VACUUM ANALYZE and CHECKPOINT) drained to the mock;`,
+    'timed from enabling the worker (reload) to an empty outbox. stripe_meter at its defaults except `rate_limit = 0`.',
+    '"many": 10,000 customers; "skewed": 8 customers hold 80 % of the events (10 % each), 10,000 others the rest.',
+    'CPU is user+system from /proc; "PostgreSQL" is every server process (postmaster, its children, and exited children).',
+    '"Waiting for a CPU" is the time the worker or the mock was runnable but not running (/proc/PID/schedstat), as a share of the',
+    'drain: well above a few percent means the machine, not the sender, set the pace.', '');
+  L.push('| customers | mock latency | events | seconds | events/s | worker CPU s / 1,000 ev | PostgreSQL CPU s / 1,000 ev (µs/ev) | mock CPU s / 1,000 ev | cores busy (PostgreSQL + mock) | waiting for a CPU: worker / mock | 429s (same customer) |',
+    '|---|---|---|---|---|---|---|---|---|---|---|');
+  for (const r of R.drain) {
+    L.push(`| ${r.customers} | ${r.latency} ms | ${fmt(r.delivered)}${r.complete ? '' : ' (timeout)'} | ${fmt(r.secs, 2)} | ${fmt(r.evs)} | ${fmt(1000 * r.workerCpu / r.delivered, 3)} | ${fmt(1000 * r.pgCpu / r.delivered, 3)} (${fmt(us(r.pgCpu, r.delivered), 1)}) | ${fmt(1000 * r.mockCpu / r.delivered, 3)} | ${fmt((r.pgCpu + r.mockCpu) / r.secs, 2)} of ${m.cores} | ${pct(r.workerWait, r.secs)} / ${pct(r.mockWait, r.secs)} | ${fmt(r.concurrencyViolations)} |`);
+  }
+  L.push('', 'The skewed case runs at 0 ms only: with one call per customer and meter in flight, a customer holding',
+    '10 % of N events needs at least N/10 × latency (10,000 × 100 ms = 1,000 s at 100 ms), whatever the sender.', '');
+
+  L.push('## 3. Baselines', '', '### (b) The mock\'s ceiling (wrk)', '');
+  L.push(`wrk, 2 threads, ${P.wrkSeconds} s, a Lua script sending valid, unique meter events (bench/lib/wrk-meter-events.lua), mock latency 0.`, '');
+  L.push('| connections | requests/s | billed | mock CPU s / 1,000 ev |', '|---|---|---|---|');
+  for (const w of R.wrk) L.push(`| ${w.conns} | ${fmt(w.reqPerS)} | ${fmt(w.billed)} of ${fmt(w.requests)} | ${fmt(1000 * w.mockCpu / w.billed, 3)} |`);
+  const wBest = R.wrk.reduce((a, b) => (b.billedPerS > a.billedPerS ? b : a));
+  L.push('', `stripe_meter at 0 ms: ${pct(d0.evs, ceiling)} of the ceiling; the mock spends ${fmt(1000 * d0.mockCpu / d0.delivered, 3)} CPU s / 1,000 events under the worker vs ${fmt(1000 * wBest.mockCpu / wBest.billed, 3)} under wrk.`, '');
+  L.push('### (a) A Node worker with the official SDK', '');
+  L.push(`bench/node/sdk-worker.js: \`stripe\` ${m.stripeSdk} + \`pg\` ${m.pgNode}; each lane claims one row with`,
+    '`FOR UPDATE SKIP LOCKED`, creates the meter event (identifier as Idempotency-Key), inserts the answer and',
+    `deletes the row in the same transaction. Run for up to ${P.sdkSeconds} s per setting on its own table; 10,000 customers.`, '');
+  L.push('| mock latency | concurrency | events/s | errors | Node CPU s / 1,000 ev | PostgreSQL CPU s / 1,000 ev | total CPU s / 1,000 ev |',
+    '|---|---|---|---|---|---|---|');
+  for (const r of R.sdk) {
+    L.push(`| ${r.latency} ms | ${r.concurrency} | ${fmt(r.evs)} | ${fmt(r.errors)} | ${fmt(1000 * r.nodeCpu / r.delivered, 3)} | ${fmt(1000 * r.pgCpu / r.delivered, 3)} | ${fmt(1000 * (r.nodeCpu + r.pgCpu) / r.delivered, 3)} |`);
+  }
+  L.push('', '### stripe_meter as a ratio to each baseline', '');
+  L.push('| mock latency | stripe_meter events/s | vs SDK best (concurrency) | vs mock ceiling | sender CPU per event vs SDK best (stripe_meter: all PostgreSQL; SDK: Node + PostgreSQL) |',
+    '|---|---|---|---|---|');
+  for (const a of ahead) {
+    const ours = 1000 * a.ours.pgCpu / a.ours.delivered;
+    const theirs = 1000 * (a.b.nodeCpu + a.b.pgCpu) / a.b.delivered;
+    L.push(`| ${a.lat} ms | ${fmt(a.ours.evs)} | ${fmt(a.ours.evs / a.b.evs, 2)}x (${a.b.concurrency}) | ${pct(a.ours.evs, ceiling)} | ${fmt(ours, 3)} vs ${fmt(theirs, 3)} CPU s / 1,000 ev = ${fmt(ours / theirs, 2)}x |`);
+  }
+  L.push('');
+
+  L.push('## 4. Latency: COMMIT to arrival at the mock', '');
+  L.push('One event per transaction through `stripe_meter_event_create`, 20 ms apart; from the moment the client sends COMMIT',
+    'to the moment the request arrives at the mock (both on the wall clock, sub-millisecond). Mock latency 0.',
+    `Under load, pgbench (8 clients) aims at ${fmt(P.loadRate)} events/s (single-event transactions) meanwhile.`,
+    'The claim commits (flushing WAL) before the request is sent, which the delivery guarantee needs: one WAL flush is part of this latency.', '');
+  L.push('| | probes | p50 | p99 | max | COMMIT round trip p50 |', '|---|---|---|---|---|---|');
+  const lr = (k, x, extra) => L.push(`| ${k}${extra || ''} | ${x.n} | ${fmt(x.p50, 2)} ms | ${fmt(x.p99, 2)} ms | ${fmt(x.max, 2)} ms | ${fmt(x.commitP50, 2)} ms |`);
+  lr('idle', R.latency.idle);
+  lr('under load', R.latency.busy, ` (${fmt(R.latency.busy.rate)} ev/s delivered)`);
+  L.push('');
+
+  L.push(`## 5. Memory and bloat over ${fmt(R.memory.total)} events`, '');
+  const mm = R.memory;
+  L.push(`pgbench enqueues batches of 100 events (2 clients) at ${mm.rate ? fmt(mm.rate) + ' events/s, half the 0 ms drain rate above,' : 'full speed'} while the worker delivers at 0 ms;`,
+    'sampled every second. Autovacuum at its defaults.', '');
+  L.push('| | before | peak | after |', '|---|---|---|---|');
+  L.push(`| worker RSS (VmRSS: includes shared buffers it touched) | ${fmt(mm.before.rss)} kB | ${fmt(mm.peak.rss)} kB | ${fmt(mm.after.rss)} kB |`);
+  L.push(`| worker private memory (RssAnon) | ${fmt(mm.before.anon)} kB | ${fmt(mm.peak.anon)} kB | ${fmt(mm.after.anon)} kB |`);
+  L.push(`| pg_total_relation_size(outbox) | ${fmt(mm.before.outbox / 1024)} kB | ${fmt(mm.peak.outbox / 1024)} kB | ${fmt(mm.after.outbox / 1024)} kB; ${fmt(mm.after.outboxVacuumed / 1024)} kB after a VACUUM (what autovacuum does within a minute) |`);
+  L.push('', 'Delivered rows leave dead tuples in the outbox until autovacuum (every `autovacuum_naptime`, 1 minute by default) frees',
+    'their space, so the outbox grows to about a minute of traffic (plus any backlog) and should then stay there: compare the peak of',
+    'a 100,000-event run with that of a 1,000,000-event run. Private memory staying flat is what shows the worker does not leak.', '');
+  L.push(`${fmt(mm.total)} events delivered in ${fmt(mm.secs, 1)} s (${fmt(mm.total / mm.secs)} events/s end to end); autovacuum ran ${mm.autovacuums} time(s) on the outbox.`,
+    `\`stripe_meter.meter_events\` (delivered rows, kept for \`delivered_retention\`) grew to ${fmt(mm.meterEvents / 2 ** 20)} MiB, as intended.`, '');
+
+  L.push('## 6. Scaling with requests in flight (100 ms)', '');
+  L.push(`Throughput over ${P.scaleSeconds} s after ${P.scaleWarm} s of warm-up per setting, changed by reload while draining a pre-filled outbox.`, '');
+  L.push('![throughput vs max_in_flight](scaling.png)', '');
+  L.push('| max_in_flight | events/s | ideal (in flight / 100 ms) | efficiency |', '|---|---|---|---|');
+  for (const r of R.scaling) L.push(`| ${r.maxInFlight} | ${fmt(r.evs)} | ${fmt(r.ideal)} | ${pct(r.evs, r.ideal)} |`);
+  L.push('');
+  // what explains the figures, derived from them
+  const notes = [...(R.notes || [])];
+  const load = Number(m.load.split(' ')[0]);
+  if (load > 0.5 * m.cores) {
+    notes.push(`- The machine was busy when the run started (load average ${m.load} on ${m.cores} cores): every figure here is lower, and CPU per event higher, than on an idle machine.`);
+  }
+  const busy0 = (d0.pgCpu + d0.mockCpu) / d0.secs;
+  if (d0.evs < 6000) {
+    notes.push(`- At 0 ms the worker, the rest of PostgreSQL and the mock share ${m.cores} cores: together they kept ${fmt(busy0, 2)} cores busy, at ${fmt(1e6 * d0.pgCpu / d0.delivered)} µs (PostgreSQL) + ${fmt(1e6 * d0.mockCpu / d0.delivered)} µs (mock) of CPU per event, so ${fmt(1e6 * m.cores / (1e6 * (d0.pgCpu + d0.mockCpu) / d0.delivered))} events/s is the most this machine could give with every core on it. The mock alone reaches ${fmt(ceiling)} events/s under wrk.`);
+  }
+  if (d100.evs < 4000) {
+    const top = R.scaling[R.scaling.length - 1];
+    notes.push(`- At 100 ms, ${fmt(d100.evs)} events/s against an ideal of ${fmt(top.ideal)} for ${top.maxInFlight} in flight: the rate is bounded by CPU (${fmt((d100.pgCpu + d100.mockCpu) / d100.secs, 2)} of ${m.cores} cores busy) rather than by the window when the two are far apart.`);
+  }
+  if (enqRatioF > 1.3 || enqRatioI > 1.3) {
+    notes.push('- Enqueue: perf on the pgbench backends (direct INSERT, worker disabled) puts the extra cost in the validation trigger'
+      + ' (about 30 % of the backend: a SECURITY DEFINER call with its own search_path; inside it an SPI query per row that checks the'
+      + ' identifier against meter_events and failed_events, about 13 %, the meter keys lookup, about 7 %, and the UUID from'
+      + ' pg_strong_random, about 5 %) and in the commit-time wake-up of the worker (a kill() per commit, about 14 %, since a'
+      + ' paused or idle worker sleeps on its latch). The function adds a second SECURITY DEFINER call and an SPI INSERT.'
+      + ' None of these is in the worker (src/enqueue.c, src/outbox.c, src/shmem.c).');
+  }
+  if (R.latency.busy.rate < 0.95 * P.loadRate) {
+    notes.push(`- Latency under load: ${fmt(R.latency.busy.rate)} events/s were delivered while ${fmt(P.loadRate)} were offered, so a backlog built up and the probes waited behind it; the under-load latency then measures the backlog, not the wake-up path.`);
+  }
+  notes.push('- Every request in flight holds its own HTTP/1.1 connection, and PostgreSQL lets a process use about a third of `max_files_per_process` for sockets; the worker caps its connections there (and says so in the log), so with the default 1000 it keeps about 320 requests in flight, 3,200 events/s at 100 ms. This run sets `max_files_per_process = 2000`.');
+  L.push('## Notes', '', ...notes, '');
+  return L.join('\n');
+}
+
+// ---------------------------------------------------------------- main
+
+(async () => {
+  const t0 = nowMs();
+  // BENCH_REPORT_FROM=bench/out/results.json re-renders RESULTS.md from a saved run
+  if (process.env.BENCH_REPORT_FROM) {
+    const R = JSON.parse(fs.readFileSync(process.env.BENCH_REPORT_FROM, 'utf8'));
+    fs.writeFileSync(path.join(BENCH_DIR, 'RESULTS.md'), report(R));
+    await plotScaling(R.scaling);
+    return;
+  }
+  db = new Client({ database: 'postgres' });
+  await db.connect();
+  await db.query(`CREATE DATABASE ${DB}`);
+  await db.end();
+  db = new Client({ database: DB });
+  await db.connect();
+  dbPid = (await sql('SELECT pg_backend_pid() AS p'))[0].p;
+  await db.query('CREATE EXTENSION stripe_meter');
+  await setConf('stripe_meter.enabled', 'off');
+  await workerPid();
+
+  const R = { machine: machine() };
+  // BENCH_ONLY=drain,latency,... runs some sections only (for development):
+  // it prints their figures and leaves RESULTS.md alone
+  const only = process.env.BENCH_ONLY ? process.env.BENCH_ONLY.split(',') : null;
+  const sections = [['enqueue', benchEnqueue], ['wrk', benchWrk], ['drain', benchDrain], ['sdk', benchSdk],
+    ['latency', benchLatency], ['scaling', benchScaling],
+    // steady state: the producer offers half the measured 0 ms drain rate (the producer shares the CPU), so the outbox
+    // should stay small if delivery and autovacuum keep up
+    ['memory', () => benchMemory(R.drain ? 0.5 * R.drain.find((r) => r.latency === 0).evs : null)]];
+  for (const [name, fn] of sections) if (!only || only.includes(name)) R[name] = await fn();
+  R.notes = NOTES;
+  if (only) {
+    console.log(JSON.stringify(R, null, 1));
+    await db.end();
+    return;
+  }
+  fs.writeFileSync(path.join(BENCH_DIR, 'RESULTS.md'), report(R));
+  fs.mkdirSync(path.join(BENCH_DIR, 'out'), { recursive: true });
+  fs.writeFileSync(path.join(BENCH_DIR, 'out', 'results.json'), JSON.stringify(R, null, 1));
+  log(`done in ${fmt((nowMs() - t0) / 1000)} s; bench/RESULTS.md written`);
+  await db.end();
+})().catch((e) => { console.error(e); process.exit(1); });
