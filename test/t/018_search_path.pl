@@ -22,8 +22,8 @@ use StripeMeterTest;
 my $mock = start_mock();
 my $node = new_node('search_path', mock => $mock, conf => { 'stripe_meter.enabled' => 'off' });
 
-my @exercised = qw(outbox_before_insert stripe_meter_event_create stripe_meter_event_trigger
-  stripe_meter_retry_failed);
+my @exercised = qw(outbox_before_insert stripe_meter_event_cancel stripe_meter_event_create
+  stripe_meter_event_trigger stripe_meter_reconcile stripe_meter_retry_failed stripe_meter_sync_meters);
 is($node->safe_psql('postgres', q{
 	SELECT string_agg(p.proname, ' ' ORDER BY p.proname)
 	  FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid
@@ -38,6 +38,9 @@ $node->safe_psql('postgres', q{
 	GRANT EXECUTE ON FUNCTION stripe_meter_event_create(text, jsonb, text, timestamptz, text) TO app;
 	GRANT EXECUTE ON FUNCTION stripe_meter_event_trigger() TO app;
 	GRANT EXECUTE ON FUNCTION stripe_meter_retry_failed(text) TO app;
+	GRANT EXECUTE ON FUNCTION stripe_meter_event_cancel(text, text) TO app;
+	GRANT EXECUTE ON FUNCTION stripe_meter_sync_meters() TO app;
+	GRANT EXECUTE ON FUNCTION stripe_meter_reconcile(text, text, timestamptz, timestamptz, text, text) TO app;
 	CREATE SCHEMA evil AUTHORIZATION app;
 	INSERT INTO stripe_meter.meters VALUES ('storage', 'customer', 'gb');
 	INSERT INTO stripe_meter.meter_events
@@ -132,6 +135,13 @@ INSERT INTO evil.usage VALUES ('hj-4', 'cus_H', 4, NULL);
 SELECT public.stripe_meter_retry_failed('hj-f1');
 SELECT public.stripe_meter_retry_failed('hj-nonexistent');
 SELECT public.stripe_meter_retry_failed();
+INSERT INTO stripe_meter.outbox (event_name, payload, identifier) VALUES ('api_requests', '{"stripe_customer_id": "cus_H", "value": 9}', 'hj-c');
+SELECT 'cancel queued: ' OPERATOR(pg_catalog.||) public.stripe_meter_event_cancel('api_requests', 'hj-c');
+SELECT 'cancel delivered: ' OPERATOR(pg_catalog.||) public.stripe_meter_event_cancel('api_requests', 'hj-delivered');
+SELECT * FROM public.stripe_meter_reconcile('api_requests', 'cus_H',
+	pg_catalog.date_trunc('hour', pg_catalog.now()) OPERATOR(pg_catalog.-) '1 hour'::pg_catalog.interval,
+	pg_catalog.date_trunc('hour', pg_catalog.now()));
+SELECT 'synced: ' OPERATOR(pg_catalog.||) public.stripe_meter_sync_meters();
 SELECT 'temp rows: ' OPERATOR(pg_catalog.||) ((SELECT pg_catalog.count(*) FROM pg_temp.outbox)
 	OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_temp.meter_events)
 	OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_temp.failed_events))::pg_catalog.text;
@@ -150,6 +160,10 @@ like($err, qr/23505: meter event identifier "hj-f1" belongs to a failed event/,
 like($err, qr/23505: meter event identifier "hj-4" is already queued/, 'the trigger path checks too');
 like($err, qr/42704: no failed meter event has identifier "hj-nonexistent"/,
 	'retry of an unknown identifier is refused');
+like($out, qr/^cancel queued: removed$/m, 'cancelling a queued event removes it');
+like($out, qr/^cancel delivered: queued$/m, 'cancelling a delivered event queues its adjustment');
+like($err, qr/42704: .*api_requests/, 'reconcile looked for the meter (Stripe has none)');
+like($out, qr/^synced: 0$/m, 'the meter sync ran (Stripe has no meters)');
 like($out, qr/^temp rows: 0$/m, "nothing went into the attacker's temporary tables");
 
 is($node->safe_psql('postgres', 'SELECT is_called FROM evil.hits'), 'f',
