@@ -31,7 +31,7 @@ fi
 # happens inside libgpg-error's constructor (bindtextdomain, holding
 # gettext's lock) ASan's start-up deadlocks on the same lock.  A copy of
 # libgpg-error that depends on libasan makes ASan start first.
-command -v patchelf >/dev/null || { apt-get install -y patchelf >/dev/null || exit 1; }
+command -v patchelf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq patchelf >/dev/null || exit 1; }
 asanlib="$PRIVATE_PG/asan-lib"
 mkdir -p "$asanlib"
 gpg_error="$(ldconfig -p | sed -n 's/.*libgpg-error.so.0 (libc6,x86-64) => //p' | head -1)"
