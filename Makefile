@@ -21,6 +21,7 @@ OBJS = \
 	src/form_encode.o \
 	src/json_encode.o \
 	src/stripe_client.o \
+	src/rate_limiter.o \
 	src/v2_outcome.o \
 	src/v2_session.o \
 	src/v2_stream.o \

@@ -82,6 +82,12 @@ extern void StripeMeterDefineSettings(void);
 extern bool StripeMeterUrlIsAllowed(const char *url, const char **why);
 extern int	StripeMeterEffectiveRateLimit(void);
 
+/* ---- in rate_limiter.c: one token bucket per Stripe account ---- */
+extern void RateLimiterInit(MemoryContext cxt);
+extern bool RateLimiterTake(const char *account, TimestampTz now, long *wait_ms);
+extern void RateLimiterAnswer(const char *account, bool rate_limited);
+extern void RateLimiterTick(TimestampTz now);
+
 /* ---- in event_validate.c ---- */
 
 /* Everything Stripe checks about one event, as stored in the outbox. */
@@ -332,9 +338,9 @@ typedef struct V2Hooks
 	/* not processed by Stripe: free the busy key and send it again soon */
 	void		(*event_requeue) (ClaimedEvent *e);
 	/* one token of the request rate limiter, or when the next comes */
-	bool		(*take_token) (TimestampTz now, long *wait_ms);
+	bool		(*take_token) (const char *account, TimestampTz now, long *wait_ms);
 	/* a session could not be created: pause, slow down, report */
-	void		(*session_trouble) (const DeliveryOutcome *outcome);
+	void		(*session_trouble) (const char *account, const DeliveryOutcome *outcome);
 } V2Hooks;
 
 /* ---- in v2_session.c: one meter event session per Connect account ---- */

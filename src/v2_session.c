@@ -111,7 +111,7 @@ session_done(void *owner, const HttpResult *http)
 		s->failures++;
 		s->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 												  DeliveryBackoffMs(s->failures));
-		session_hooks->session_trouble(&outcome);
+		session_hooks->session_trouble(s->account, &outcome);
 	}
 	MemoryContextSwitchTo(old);
 	MemoryContextDelete(tmp);

@@ -264,7 +264,7 @@ flush_account(V2Account *a, TimestampTz now, long *wait_ms)
 
 		if (StripeClientInFlight() >= stripe_meter_max_in_flight)
 			return false;
-		if (!hooks->take_token(now, &w))
+		if (!hooks->take_token(a->session.account, now, &w))
 		{
 			merge_wait(wait_ms, w);
 			return false;

@@ -57,6 +57,7 @@
 #define RECORD_BATCH		500 /* record after this many finished events */
 #define RECORD_DELAY_MS		20	/* or after this long */
 #define PURGE_INTERVAL_MS	60000
+#define MAX_DEFERRED_PER_PASS 256	/* events passed over for rate-limited accounts */
 
 typedef struct EventQueue
 {
@@ -86,17 +87,6 @@ static char pause_reason[WORKER_TEXT_LEN];
 static bool extension_absent = false;	/* exit frees the slot for good */
 static int	api_version;		/* stripe_meter.api_version when we started */
 static bool api_switch_pending = false; /* it changed: drain, then exit */
-
-/* the sender's rate limiter: a token bucket that backs off on 429 */
-static double limiter_tokens = 0;
-static TimestampTz limiter_refilled_at = 0;
-static double limiter_backoff_rate = 0; /* 0: not backing off */
-static TimestampTz limiter_window_start = 0;	/* a quarter second of answers */
-static int	limiter_window_answers = 0;
-static int	limiter_window_429s = 0;
-static double sent_this_second = 0;
-static double send_rate = 0;
-static TimestampTz rate_second_start = 0;
 
 static void
 queue_push(EventQueue *q, ClaimedEvent *e)
@@ -142,107 +132,6 @@ finish_event(ClaimedEvent *e)
 	if (finished.n == 0)
 		first_finished_at = GetCurrentTimestamp();
 	queue_push(&finished, e);
-}
-
-/*
- * The configured limit, lowered while Stripe answers 429.  Returns calls
- * per second, or 0 for no limit.
- */
-static double
-current_rate_limit(void)
-{
-	double		limit = StripeMeterEffectiveRateLimit();
-
-	if (limiter_backoff_rate > 0 && (limit == 0 || limiter_backoff_rate < limit))
-		return limiter_backoff_rate;
-	return limit;
-}
-
-/*
- * Take one token; if none is left, say in *wait_ms when the next one comes.
- * The bucket holds a twentieth of a second's worth, so a burst stays small.
- */
-static bool
-limiter_take(TimestampTz now, long *wait_ms)
-{
-	double		rate = current_rate_limit();
-	double		burst;
-
-	if (rate <= 0)
-		return true;
-	burst = Max(1.0, rate / 20.0);
-	if (limiter_refilled_at != 0)
-	{
-		limiter_tokens += rate * (double) (now - limiter_refilled_at) / USECS_PER_SEC;
-		if (limiter_tokens > burst)
-			limiter_tokens = burst;
-	}
-	else
-		limiter_tokens = burst;
-	limiter_refilled_at = now;
-	if (limiter_tokens >= 1.0)
-	{
-		limiter_tokens -= 1.0;
-		return true;
-	}
-	*wait_ms = (long) ((1.0 - limiter_tokens) / rate * 1000.0) + 1;
-	return false;
-}
-
-/* count an answer (or a failed session creation) for the limiter */
-static void
-limiter_on_answer(bool rate_limited)
-{
-	limiter_window_answers++;
-	if (rate_limited)
-		limiter_window_429s++;
-}
-
-/*
- * Measure the send rate each second, and adjust the rate limit every
- * quarter second from the answers in it: when at least a tenth were 429,
- * halve it (starting from what was being sent, or a modest rate when the
- * sender was nearly idle); when a few were, hold it; when none were, grow
- * it back by a quarter, and stop limiting once it is past the configured
- * limit (or well past what is being sent).  A stray 429 (Stripe also uses
- * it for lock contention) therefore never collapses the rate, while a real
- * limit halves it every quarter second until the 429s stop.
- */
-static void
-limiter_tick(TimestampTz now)
-{
-	if (rate_second_start == 0)
-		rate_second_start = now;
-	if (TimestampDifferenceExceeds(rate_second_start, now, 1000))
-	{
-		send_rate = sent_this_second * USECS_PER_SEC / (double) (now - rate_second_start);
-		sent_this_second = 0;
-		rate_second_start = now;
-	}
-
-	if (limiter_window_start == 0)
-		limiter_window_start = now;
-	if (!TimestampDifferenceExceeds(limiter_window_start, now, 250))
-		return;
-
-	if (limiter_window_429s > 0 && limiter_window_429s * 10 >= limiter_window_answers)
-	{
-		double		base = limiter_backoff_rate > 0 ? limiter_backoff_rate : Max(send_rate, 50.0);
-
-		limiter_backoff_rate = Max(2.0, base / 2.0);
-	}
-	else if (limiter_window_429s == 0 && limiter_backoff_rate > 0)
-	{
-		double		limit = StripeMeterEffectiveRateLimit();
-
-		limiter_backoff_rate *= 1.25;
-		if ((limit > 0 && limiter_backoff_rate >= limit) ||
-			(limit == 0 && limiter_backoff_rate > 2 * Max(send_rate, 100.0)))
-			limiter_backoff_rate = 0;
-	}
-	limiter_window_start = now;
-	limiter_window_answers = 0;
-	limiter_window_429s = 0;
 }
 
 /*
@@ -363,7 +252,7 @@ settle_event(ClaimedEvent *e)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
-	limiter_on_answer(e->outcome.rate_limited);
+	RateLimiterAnswer(e->stripe_account, e->outcome.rate_limited);
 	if (e->outcome.verdict == VERDICT_PAUSE)
 		set_paused(e->outcome.reason);
 	if (e->outcome.verdict == VERDICT_FAIL || e->outcome.verdict == VERDICT_RETRY)
@@ -425,9 +314,9 @@ requeue_event(ClaimedEvent *e)
 
 /* v2: a meter event session could not be created */
 static void
-session_trouble(const DeliveryOutcome *outcome)
+session_trouble(const char *account, const DeliveryOutcome *outcome)
 {
-	limiter_on_answer(outcome->rate_limited);
+	RateLimiterAnswer(account, outcome->rate_limited);
 	if (outcome->verdict == VERDICT_PAUSE)
 		set_paused(outcome->reason);
 	else
@@ -436,12 +325,9 @@ session_trouble(const DeliveryOutcome *outcome)
 
 /* v2: a token for one stream request */
 static bool
-take_request_token(TimestampTz now, long *wait_ms)
+take_request_token(const char *account, TimestampTz now, long *wait_ms)
 {
-	if (!limiter_take(now, wait_ms))
-		return false;
-	sent_this_second++;
-	return true;
+	return RateLimiterTake(account, now, wait_ms);
 }
 
 static const V2Hooks v2_hooks = {
@@ -490,6 +376,8 @@ start_requests(void)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	long		wait_ms = -1;
+	long		account_wait;
+	EventQueue	deferred = {0};
 
 	while (ready.n > 0 && pause_reason[0] == '\0' &&
 		   StripeClientInFlight() < stripe_meter_max_in_flight)
@@ -513,12 +401,18 @@ start_requests(void)
 			continue;
 		}
 
-		if (api_version != STRIPE_API_V2 && !limiter_take(now, &wait_ms))
+		if (api_version != STRIPE_API_V2 &&
+			!RateLimiterTake(e->stripe_account, now, &account_wait))
 		{
+			/* its account must wait; others may still send */
 			if (bk->waiting.n == 0)
 				hash_search(busy_keys, &e->busy_key, HASH_REMOVE, NULL);
-			queue_push_front(&ready, e);
-			break;
+			queue_push(&deferred, e);
+			if (wait_ms < 0 || account_wait < wait_ms)
+				wait_ms = account_wait;
+			if (deferred.n >= MAX_DEFERRED_PER_PASS)
+				break;
+			continue;
 		}
 		bk->in_flight = true;
 
@@ -539,7 +433,6 @@ start_requests(void)
 		}
 
 		e->sent = true;
-		sent_this_second++;
 		if (!StripeClientStart(e, METER_EVENTS_PATH, e->body, e->idempotency_key,
 							   e->stripe_account))
 		{
@@ -549,6 +442,16 @@ start_requests(void)
 			finish_event(e);
 		}
 	}
+	/* events whose account had no token go back first, in order */
+	if (deferred.n > 0)
+	{
+		deferred.tail->next = ready.head;
+		ready.head = deferred.head;
+		if (ready.tail == NULL)
+			ready.tail = deferred.tail;
+		ready.n += deferred.n;
+	}
+
 	if (api_version == STRIPE_API_V2 && pause_reason[0] == '\0')
 	{
 		long		v2_wait = V2StreamFlush();
@@ -855,6 +758,7 @@ StripeMeterWorkerMain(Datum main_arg)
 	ctl.hcxt = worker_cxt;
 	busy_keys = hash_create("stripe_meter busy customers", 1024, &ctl,
 							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	RateLimiterInit(worker_cxt);
 
 	if (api_version == STRIPE_API_V2)
 		ereport(LOG,
@@ -897,7 +801,7 @@ StripeMeterWorkerMain(Datum main_arg)
 			proc_exit(1);
 
 		now = GetCurrentTimestamp();
-		limiter_tick(now);
+		RateLimiterTick(now);
 
 		if (pause_reason[0] != '\0')
 			release_unsent();
