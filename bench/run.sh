@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The stripe_meter benchmark: one command, on a fresh Debian 12 machine.
 #
-#   bash bench/run.sh            # full run (about 20-30 minutes)
-#   bash bench/run.sh --quick    # smoke run with small counts (about 3-4 minutes)
+#   bash bench/run.sh            # full run (about 25 minutes; stopped after 60)
+#   bash bench/run.sh --quick    # smoke run with small counts (about 5 minutes; stopped after 20)
 #
 # Installs what it needs (PostgreSQL 15 and build tools through
 # scripts/install-deps.sh; wrk, gnuplot and npm through apt; the official
