@@ -1081,21 +1081,21 @@ function handleMeterEvents(ctx) {
   const v = validateMeterEvent(ctx, p.params);
   if (v.error) { st.stats.validation_errors++; return reply(ctx, 400, v.error); }
   const lockKey = ctx.account + '|' + v.customer + '|' + v.event_name;
-  executeIdempotent(ctx, canon(p.params), lockKey,
+  // the canonical parameters only serve the idempotency check
+  executeIdempotent(ctx, ctx.idemKey === undefined ? '' : canon(p.params), lockKey,
     'Cannot create multiple usage events for the same customer, meter concurrently.',
     (c) => decideMeterEvent(c, v));
 }
 
+// The same text as JSON.stringify of {object, created, event_name,
+// identifier, livemode, payload, timestamp}, without the temporary object.
 function meterEventBody(ev) {
-  return JSON.stringify({
-    object: 'billing.meter_event',
-    created: Math.floor(ev.billed_at / 1000),
-    event_name: ev.event_name,
-    identifier: ev.identifier,
-    livemode: ev.livemode,
-    payload: ev.payload,
-    timestamp: ev.timestamp,
-  });
+  return '{"object":"billing.meter_event","created":' + Math.floor(ev.billed_at / 1000) +
+    ',"event_name":' + JSON.stringify(ev.event_name) +
+    ',"identifier":' + JSON.stringify(ev.identifier) +
+    ',"livemode":' + (ev.livemode ? 'true' : 'false') +
+    ',"payload":' + JSON.stringify(ev.payload) +
+    ',"timestamp":' + JSON.stringify(ev.timestamp) + '}';
 }
 
 function decideMeterEvent(ctx, v) {
