@@ -1102,7 +1102,10 @@ function decideMeterEvent(ctx, v) {
   const st = ctx.st, cfg = ctx.cfg;
   const now = Date.now();
   const generated = v.identifier === undefined;
-  const identifier = generated ? crypto.randomUUID() : keepStr(v.identifier);
+  // The Idempotency-Key is usually the identifier itself (stripe_meter sends
+  // it so): then both fields of the record share one string.
+  const identifier = generated ? crypto.randomUUID()
+    : v.identifier === ctx.idemKey ? ctx.idemKey : keepStr(v.identifier);
   let info = null;
   if (!generated) {
     let m = st.idents.get(ctx.account);
