@@ -131,13 +131,33 @@ function maskKey(key) {
 
 // Canonical string of a parsed parameter tree (key order independent).
 function canon(v) {
+  // With every hash's keys already in order (the usual case) the canonical
+  // string is exactly JSON.stringify's, which is much cheaper.
+  return keysSorted(v) ? JSON.stringify(v) : canonSorted(v);
+}
+
+function keysSorted(v) {
+  if (typeof v === 'string') return true;
+  if (Array.isArray(v)) {
+    for (let i = 0; i < v.length; i++) if (!keysSorted(v[i])) return false;
+    return true;
+  }
+  const keys = Object.keys(v);
+  for (let i = 0; i < keys.length; i++) {
+    if (i > 0 && !(keys[i - 1] < keys[i])) return false;
+    if (!keysSorted(v[keys[i]])) return false;
+  }
+  return true;
+}
+
+function canonSorted(v) {
   if (typeof v === 'string') return JSON.stringify(v);
-  if (Array.isArray(v)) return '[' + v.map(canon).join(',') + ']';
+  if (Array.isArray(v)) return '[' + v.map(canonSorted).join(',') + ']';
   const keys = Object.keys(v).sort();
   let s = '{';
   for (let i = 0; i < keys.length; i++) {
     if (i) s += ',';
-    s += JSON.stringify(keys[i]) + ':' + canon(v[keys[i]]);
+    s += JSON.stringify(keys[i]) + ':' + canonSorted(v[keys[i]]);
   }
   return s + '}';
 }
@@ -153,15 +173,39 @@ function formDecode(s) {
   return decodeURIComponent(s.replace(/\+/g, ' '));
 }
 
+// Parameter hashes: objects without Object.prototype in their chain (so that
+// names like "constructor" or "__proto__" are plain keys), made by a
+// constructor rather than Object.create(null) so V8 keeps them in fast mode.
+function Params() {}
+Params.prototype = Object.create(null);
+
+const PARAM_NAME_RE = /^([^[\]]+)((?:\[[^[\]]*\])*)$/;
+const NO_SUBS = [];
+
+function duplicateParam(k) {
+  return { error: invalid('Received parameter ' + k + ' more than once. Each parameter may be given only once.', k, 'parameter_duplicate') };
+}
+
+// The name of a parameter down to its first n subscripts, as in errors.
+function paramPath(name, subs, n) {
+  let path = name;
+  for (let i = 0; i < n; i++) path += '[' + subs[i] + ']';
+  return path;
+}
+
 // Returns { params } (a tree of objects / arrays / strings, with the order of
 // first appearance kept in params) or { error: {status, body} }.
 function parseForm(body) {
-  const params = Object.create(null);
+  const params = new Params();
   if (body.length === 0) return { params };
-  const seen = new Set();
-  const parts = body.split('&');
-  for (let pi = 0; pi < parts.length; pi++) {
-    const part = parts[pi];
+  let seen = null;
+  let start = 0;
+  const blen = body.length;
+  while (start <= blen) {
+    let amp = body.indexOf('&', start);
+    if (amp < 0) amp = blen;
+    const part = body.slice(start, amp);
+    start = amp + 1;
     if (part === '') continue;
     const eq = part.indexOf('=');
     let k, v;
@@ -171,26 +215,39 @@ function parseForm(body) {
     } catch (e) {
       return { error: invalid('Invalid request: the request body could not be decoded as application/x-www-form-urlencoded (malformed percent-encoding).') };
     }
-    const m = /^([^[\]]+)((?:\[[^[\]]*\])*)$/.exec(k);
-    if (!m) {
-      return { error: invalid('Invalid parameter name: ' + k + '.', k) };
-    }
-    const name = m[1];
-    const subs = m[2] ? m[2].slice(1, -1).split('][') : [];
-    if (subs.length === 0 || subs[subs.length - 1] !== '') {
-      if (seen.has(k)) {
-        return { error: invalid('Received parameter ' + k + ' more than once. Each parameter may be given only once.', k, 'parameter_duplicate') };
+    let name, subs;
+    if (k.length > 0 && k.indexOf('[') < 0 && k.indexOf(']') < 0) {
+      name = k;
+      subs = NO_SUBS;
+    } else {
+      const m = PARAM_NAME_RE.exec(k);
+      if (!m) {
+        return { error: invalid('Invalid parameter name: ' + k + '.', k) };
       }
+      name = m[1];
+      subs = m[2] ? m[2].slice(1, -1).split('][') : NO_SUBS;
+    }
+    // A key given twice is refused. For a key without "[]" its path in the
+    // tree is the key itself, and only that key can have put a string there,
+    // so the walk below finds the repeat; a key with an inner "[]" starts a
+    // new array element each time and needs remembering.
+    let innerArray = false;
+    for (let i = 0; i < subs.length - 1; i++) if (subs[i] === '') innerArray = true;
+    if (innerArray && subs[subs.length - 1] !== '') {
+      if (seen === null) seen = new Set();
+      if (seen.has(k)) return duplicateParam(k);
       seen.add(k);
     }
     // Walk / build the tree.
-    let holder = params, slot = name, path = name;
+    let holder = params, slot = name;
     for (let i = 0; i <= subs.length; i++) {
       const last = i === subs.length;
       const cur = holder[slot];
       if (last) {
         if (Array.isArray(holder)) holder.push(v);
+        else if (typeof cur === 'string' && !innerArray) return duplicateParam(k);
         else if (cur !== undefined) {
+          const path = paramPath(name, subs, i);
           return { error: invalid('Invalid value for ' + path + ': cannot be given both as a string and as a hash.', path) };
         } else holder[slot] = v;
         break;
@@ -199,14 +256,14 @@ function parseForm(body) {
       const wantArray = sub === '';
       let next = Array.isArray(holder) ? undefined : cur;
       if (next === undefined) {
-        next = wantArray ? [] : Object.create(null);
+        next = wantArray ? [] : new Params();
         if (Array.isArray(holder)) holder.push(next); else holder[slot] = next;
       } else if (typeof next === 'string' || Array.isArray(next) !== wantArray) {
+        const path = paramPath(name, subs, i);
         return { error: invalid('Invalid value for ' + path + ': conflicting types for this parameter.', path) };
       }
       holder = next;
       slot = wantArray ? null : sub;
-      path += '[' + sub + ']';
     }
   }
   return { params };
@@ -761,9 +818,10 @@ class IdentInfo {
   }
 }
 
-function hashParams(canonical) {
-  return crypto.createHash('sha1').update(canonical).digest('base64');
-}
+// crypto.hash (Node 20.12+) is a one-shot without the Hash object.
+const hashParams = typeof crypto.hash === 'function'
+  ? (canonical) => crypto.hash('sha1', canonical, 'base64')
+  : (canonical) => crypto.createHash('sha1').update(canonical).digest('base64');
 
 // Idempotency scope: the key's account + mode + Stripe-Account, then the key.
 function idemMap(st, ctx, create) {
@@ -887,6 +945,11 @@ function chars(s) {
   return n;
 }
 
+// chars(s) > max; a string of at most max UTF-16 units has at most max characters.
+function charsOver(s, max) {
+  return s.length > max && chars(s) > max;
+}
+
 function tooLong(param, v, max) {
   return invalid('Invalid string: ' + (v.length > 100 ? v.slice(0, 100) + '...' : v) +
     '; must be at most ' + max + ' characters', param, 'string_too_long');
@@ -919,7 +982,7 @@ function validateMeterEvent(ctx, params) {
   if (en === undefined) return { error: missingParam('event_name') };
   if (typeof en !== 'string') return { error: notString('event_name') };
   if (en === '') return { error: emptyParam('event_name') };
-  if (chars(en) > 100) return { error: tooLong('event_name', en, 100) };
+  if (charsOver(en, 100)) return { error: tooLong('event_name', en, 100) };
   // payload
   if (payload === undefined) return { error: missingParam('payload') };
   if (typeof payload !== 'object' || Array.isArray(payload)) {
@@ -929,7 +992,7 @@ function validateMeterEvent(ctx, params) {
   if (identifier !== undefined) {
     if (typeof identifier !== 'string') return { error: notString('identifier') };
     if (identifier === '') return { error: emptyParam('identifier') };
-    if (chars(identifier) > 100) return { error: tooLong('identifier', identifier, 100) };
+    if (charsOver(identifier, 100)) return { error: tooLong('identifier', identifier, 100) };
   }
   // timestamp
   let ts = null;
@@ -976,11 +1039,12 @@ function validateMeterEvent(ctx, params) {
   // payload entries
   for (const k of Object.keys(payload)) {
     const v = payload[k];
-    const param = 'payload[' + k + ']';
     if (k === '') return { error: invalid('Invalid payload: keys must be non-empty.', 'payload', 'parameter_invalid_empty') };
+    if (typeof v === 'string' && !charsOver(k, 100) && !charsOver(v, 100)) continue;
+    const param = 'payload[' + k + ']';
     if (typeof v !== 'string') return { error: notString(param) };
-    if (chars(k) > 100) return { error: invalid('Invalid payload key: ' + k.slice(0, 100) + '...; must be at most 100 characters', param, 'string_too_long') };
-    if (chars(v) > 100) return { error: tooLong(param, v, 100) };
+    if (charsOver(k, 100)) return { error: invalid('Invalid payload key: ' + k.slice(0, 100) + '...; must be at most 100 characters', param, 'string_too_long') };
+    if (charsOver(v, 100)) return { error: tooLong(param, v, 100) };
   }
   const ck = meter.customer_key, vk = meter.value_key;
   const cust = payload[ck];
@@ -1017,28 +1081,31 @@ function handleMeterEvents(ctx) {
   const v = validateMeterEvent(ctx, p.params);
   if (v.error) { st.stats.validation_errors++; return reply(ctx, 400, v.error); }
   const lockKey = ctx.account + '|' + v.customer + '|' + v.event_name;
-  executeIdempotent(ctx, canon(p.params), lockKey,
+  // the canonical parameters only serve the idempotency check
+  executeIdempotent(ctx, ctx.idemKey === undefined ? '' : canon(p.params), lockKey,
     'Cannot create multiple usage events for the same customer, meter concurrently.',
     (c) => decideMeterEvent(c, v));
 }
 
+// The same text as JSON.stringify of {object, created, event_name,
+// identifier, livemode, payload, timestamp}, without the temporary object.
 function meterEventBody(ev) {
-  return JSON.stringify({
-    object: 'billing.meter_event',
-    created: Math.floor(ev.billed_at / 1000),
-    event_name: ev.event_name,
-    identifier: ev.identifier,
-    livemode: ev.livemode,
-    payload: ev.payload,
-    timestamp: ev.timestamp,
-  });
+  return '{"object":"billing.meter_event","created":' + Math.floor(ev.billed_at / 1000) +
+    ',"event_name":' + JSON.stringify(ev.event_name) +
+    ',"identifier":' + JSON.stringify(ev.identifier) +
+    ',"livemode":' + (ev.livemode ? 'true' : 'false') +
+    ',"payload":' + JSON.stringify(ev.payload) +
+    ',"timestamp":' + JSON.stringify(ev.timestamp) + '}';
 }
 
 function decideMeterEvent(ctx, v) {
   const st = ctx.st, cfg = ctx.cfg;
   const now = Date.now();
   const generated = v.identifier === undefined;
-  const identifier = generated ? crypto.randomUUID() : keepStr(v.identifier);
+  // The Idempotency-Key is usually the identifier itself (stripe_meter sends
+  // it so): then both fields of the record share one string.
+  const identifier = generated ? crypto.randomUUID()
+    : v.identifier === ctx.idemKey ? ctx.idemKey : keepStr(v.identifier);
   let info = null;
   if (!generated) {
     let m = st.idents.get(ctx.account);
@@ -1279,18 +1346,19 @@ function handleMeterEventStream(ctx) {
 
   // One concurrent usage event per customer and meter, within the request
   // and across requests being processed.
-  const locks = [];
+  // (a Set: with up to 100 events an array's includes() was quadratic)
+  const locks = new Set();
   for (const ev of events) {
     const meter = ctx.cfg.meters[ev.event_name];
     const cust = ev.payload[meter ? meter.customer_key : 'stripe_customer_id'];
     if (typeof cust !== 'string') continue;
     const k = ctx.account + '|' + cust + '|' + ev.event_name;
-    if (st.slots.has(k) || locks.includes(k)) {
+    if (st.slots.has(k) || locks.has(k)) {
       st.stats.concurrency_violations++;
       return reply(ctx, 429, v2Error('too_many_concurrent_requests',
         'Cannot create multiple usage events for the same customer, meter concurrently.', 'rate_limit'));
     }
-    locks.push(k);
+    locks.add(k);
   }
   for (const k of locks) st.slots.add(k);
   const run = () => {
