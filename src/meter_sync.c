@@ -301,6 +301,9 @@ MeterSyncCheckEnqueue(const char *event_name, const EnqueueMeter *meter,
 	/* a connected account has its own meters, which are not mirrored */
 	if (stripe_account != NULL)
 		return;
+	/* an active meter passes whether or not meters were synced */
+	if (known && (status == NULL || strcmp(status, "inactive") != 0))
+		return;
 	if (!EnqueueProbeMetersSynced())
 		return;					/* never synced: nothing to check against */
 	if (!known)
