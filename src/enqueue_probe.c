@@ -14,8 +14,9 @@
  *
  * The OIDs of the tables, their indexes and columns are looked up once per
  * backend and forgotten on any relcache invalidation of a relation (DDL,
- * DROP EXTENSION, an index rebuilt), so they are looked up again after the
- * extension is dropped, recreated or updated.
+ * DROP EXTENSION, an index rebuilt) and on any change to pg_class names
+ * (a table created), so they are looked up again after the extension is
+ * dropped, recreated or updated.
  *
  * Copyright (c) 2026, stripe_meter developers
  *
@@ -39,6 +40,7 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 
 #include "stripe_meter.h"
 
@@ -68,6 +70,13 @@ static bool callback_registered = false;
 
 static void
 forget_cache(Datum arg, Oid relid)
+{
+	cache.valid = false;
+}
+
+/* a relation created or renamed (ALTER EXTENSION UPDATE adds sync_state) */
+static void
+forget_cache_names(Datum arg, int cacheid, uint32 hashvalue)
 {
 	cache.valid = false;
 }
@@ -113,6 +122,7 @@ fill_cache(void)
 	if (!callback_registered)
 	{
 		CacheRegisterRelcacheCallback(forget_cache, (Datum) 0);
+		CacheRegisterSyscacheCallback(RELNAMENSP, forget_cache_names, (Datum) 0);
 		callback_registered = true;
 	}
 
