@@ -14,6 +14,7 @@ OBJS = \
 	src/event_validate.o \
 	src/enqueue.o \
 	src/outbox.o \
+	src/enqueue_probe.o \
 	src/launcher.o \
 	src/worker.o \
 	src/delivery_store.o \

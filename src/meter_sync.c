@@ -39,7 +39,6 @@
 
 PG_FUNCTION_INFO_V1(stripe_meter_sync_meters);
 
-static SPIPlanPtr check_plan = NULL;
 
 /* a top-level key of a JSON object, or NULL */
 static JsonbValue *
@@ -288,47 +287,25 @@ MeterSyncRun(void)
 /*
  * MeterSyncCheckEnqueue
  *		Once meters are synced, refuse (or warn about) an event whose name
- *		has no meter, or whose meter is inactive.  SPI must be connected.
+ *		has no meter, or whose meter is inactive.  meter is the event name's
+ *		row in stripe_meter.meters (enqueue_probe.c).
  */
 void
-MeterSyncCheckEnqueue(const char *event_name, const char *stripe_account)
+MeterSyncCheckEnqueue(const char *event_name, const EnqueueMeter *meter,
+					  const char *stripe_account)
 {
-	Datum		arg;
-	int			rc;
-	bool		isnull;
-	char	   *status;
-	bool		known;
+	char	   *status = meter->status;
+	bool		known = meter->found;
 	int			level = stripe_meter_unknown_meter == UNKNOWN_METER_WARNING ? WARNING : ERROR;
 
 	/* a connected account has its own meters, which are not mirrored */
 	if (stripe_account != NULL)
 		return;
-
-	/*
-	 * Before ALTER EXTENSION stripe_meter UPDATE, a database can still have
-	 * the schema of a version that never synced meters.
-	 */
-	if (!OidIsValid(get_relname_relid("sync_state",
-									  get_namespace_oid("stripe_meter", false))))
+	/* an active meter passes whether or not meters were synced */
+	if (known && (status == NULL || strcmp(status, "inactive") != 0))
 		return;
-	if (check_plan == NULL)
-	{
-		Oid			types[1] = {TEXTOID};
-
-		check_plan = SpiPrepareSaved("SELECT (SELECT s.meters_synced_at IS NOT NULL FROM stripe_meter.sync_state s),"
-									 "       EXISTS (SELECT 1 FROM stripe_meter.meters m WHERE m.event_name = $1),"
-									 "       (SELECT m.status FROM stripe_meter.meters m WHERE m.event_name = $1)",
-									 1, types);
-	}
-	arg = CStringGetTextDatum(event_name);
-	rc = SPI_execute_plan(check_plan, &arg, NULL, true, 1);
-	if (rc != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "could not look up meter \"%s\"", event_name);
-	if (!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) ||
-		isnull)
+	if (!EnqueueProbeMetersSynced())
 		return;					/* never synced: nothing to check against */
-	known = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
-	status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
 	if (!known)
 		ereport(level,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),

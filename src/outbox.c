@@ -29,8 +29,6 @@
 
 #include "stripe_meter.h"
 
-static SPIPlanPtr meter_keys_plan = NULL;
-static SPIPlanPtr identifier_plan = NULL;
 static SPIPlanPtr insert_plan = NULL;
 
 /*
@@ -56,34 +54,29 @@ SpiPrepareSaved(const char *sql, int nargs, Oid *argtypes)
  *		The payload keys that carry the customer and the value for an event
  *		name: its row in stripe_meter.meters, or Stripe's defaults.
  *
- * Results live in SPI's memory: valid until the caller's SPI_finish.
+ * Results are palloc'd in the current memory context.
  */
 void
 OutboxLookupMeterKeys(const char *event_name, char **customer_key, char **value_key)
 {
-	Datum		arg;
-	int			rc;
+	EnqueueMeter meter;
 
-	if (meter_keys_plan == NULL)
+	EnqueueProbeMeter(event_name, &meter);
+	OutboxMeterKeys(&meter, customer_key, value_key);
+}
+
+/*
+ * OutboxMeterKeys
+ *		The payload keys of a probed meter row, or Stripe's defaults when the
+ *		event name has none.
+ */
+void
+OutboxMeterKeys(const EnqueueMeter *meter, char **customer_key, char **value_key)
+{
+	if (meter->found)
 	{
-		Oid			types[1] = {TEXTOID};
-
-		meter_keys_plan = SpiPrepareSaved(
-										"SELECT customer_payload_key, value_payload_key"
-										"  FROM stripe_meter.meters WHERE event_name = $1",
-										1, types);
-	}
-
-	arg = CStringGetTextDatum(event_name);
-	rc = SPI_execute_plan(meter_keys_plan, &arg, NULL, true, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not look up meter \"%s\": %s",
-			 event_name, SPI_result_code_string(rc));
-
-	if (SPI_processed == 1)
-	{
-		*customer_key = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-		*value_key = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+		*customer_key = meter->customer_key;
+		*value_key = meter->value_key;
 	}
 	else
 	{
@@ -104,51 +97,30 @@ OutboxLookupMeterKeys(const char *event_name, char **customer_key, char **value_
 void
 OutboxCheckIdentifierUnused(const char *identifier)
 {
-	Datum		arg;
-	int			rc;
-	int			where;
-	bool		isnull;
-
-	if (identifier_plan == NULL)
+	switch (EnqueueProbeIdentifier(identifier))
 	{
-		Oid			types[1] = {TEXTOID};
-
-		identifier_plan = SpiPrepareSaved(
-										"SELECT 1 FROM stripe_meter.outbox WHERE identifier = $1"
-										" UNION ALL "
-										"SELECT 2 FROM stripe_meter.meter_events WHERE identifier = $1"
-										" UNION ALL "
-										"SELECT 3 FROM stripe_meter.failed_events WHERE identifier = $1"
-										" LIMIT 1",
-										1, types);
+		case ENQUEUE_ID_UNUSED:
+			return;
+		case ENQUEUE_ID_QUEUED:
+			ereport(ERROR,
+					(errcode(ERRCODE_UNIQUE_VIOLATION),
+					 errmsg("meter event identifier \"%s\" is already queued", identifier),
+					 errdetail("Stripe bills each identifier once; a second event needs its own identifier.")));
+			break;
+		case ENQUEUE_ID_DELIVERED:
+			ereport(ERROR,
+					(errcode(ERRCODE_UNIQUE_VIOLATION),
+					 errmsg("meter event identifier \"%s\" was already delivered", identifier),
+					 errdetail("Stripe bills each identifier once; a second event needs its own identifier.")));
+			break;
+		case ENQUEUE_ID_FAILED:
+			ereport(ERROR,
+					(errcode(ERRCODE_UNIQUE_VIOLATION),
+					 errmsg("meter event identifier \"%s\" belongs to a failed event", identifier),
+					 errhint("Queue it again with stripe_meter_retry_failed('%s'), or delete it from stripe_meter.failed_events first.",
+							 identifier)));
+			break;
 	}
-
-	arg = CStringGetTextDatum(identifier);
-	rc = SPI_execute_plan(identifier_plan, &arg, NULL, true, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not check meter event identifier: %s",
-			 SPI_result_code_string(rc));
-	if (SPI_processed == 0)
-		return;
-
-	where = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0],
-										SPI_tuptable->tupdesc, 1, &isnull));
-	if (where == 1)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNIQUE_VIOLATION),
-				 errmsg("meter event identifier \"%s\" is already queued", identifier),
-				 errdetail("Stripe bills each identifier once; a second event needs its own identifier.")));
-	else if (where == 2)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNIQUE_VIOLATION),
-				 errmsg("meter event identifier \"%s\" was already delivered", identifier),
-				 errdetail("Stripe bills each identifier once; a second event needs its own identifier.")));
-	else
-		ereport(ERROR,
-				(errcode(ERRCODE_UNIQUE_VIOLATION),
-				 errmsg("meter event identifier \"%s\" belongs to a failed event", identifier),
-				 errhint("Queue it again with stripe_meter_retry_failed('%s'), or delete it from stripe_meter.failed_events first.",
-						 identifier)));
 }
 
 /*

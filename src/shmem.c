@@ -125,7 +125,16 @@ wake_xact_callback(XactEvent event, void *arg)
 	LWLockAcquire(StripeMeterShmem->lock, LW_SHARED);
 	slot = StripeMeterFindSlot(MyDatabaseId);
 	if (slot != NULL && slot->state == SLOT_RUNNING && slot->latch != NULL)
-		latch = slot->latch;
+	{
+		/*
+		 * A paused worker neither claims events nor looks at cancellations
+		 * until a reload, which makes it look again anyway: waking it would
+		 * only cost a signal per commit.  The lock orders this read after
+		 * our commit and before the claim that follows an unpause.
+		 */
+		if (slot->paused[0] == '\0')
+			latch = slot->latch;
+	}
 	else
 		need_launcher = true;
 	LWLockRelease(StripeMeterShmem->lock);

@@ -108,10 +108,33 @@ extern bool MeterEventValueText(JsonbValue *value, StringInfo out);
 extern void MeterEventScalarText(JsonbValue *value, StringInfo out);
 extern char *MeterEventNewIdentifier(void);
 
+/* ---- in enqueue_probe.c (the validation trigger's lookups) ---- */
+typedef struct EnqueueMeter
+{
+	bool		found;			/* the event name has a row in meters */
+	char	   *customer_key;
+	char	   *value_key;
+	char	   *status;			/* NULL before 0.2.0 or when unknown */
+} EnqueueMeter;
+
+typedef enum EnqueueIdentifierUse
+{
+	ENQUEUE_ID_UNUSED = 0,
+	ENQUEUE_ID_QUEUED,
+	ENQUEUE_ID_DELIVERED,
+	ENQUEUE_ID_FAILED
+} EnqueueIdentifierUse;
+
+extern void EnqueueProbeMeter(const char *event_name, EnqueueMeter *meter);
+extern bool EnqueueProbeMetersSynced(void);
+extern EnqueueIdentifierUse EnqueueProbeIdentifier(const char *identifier);
+
 /* ---- in outbox.c (enqueue-side SQL) ---- */
 extern SPIPlanPtr SpiPrepareSaved(const char *sql, int nargs, Oid *argtypes);
 extern void OutboxLookupMeterKeys(const char *event_name,
 								  char **customer_key, char **value_key);
+extern void OutboxMeterKeys(const EnqueueMeter *meter,
+							char **customer_key, char **value_key);
 extern void OutboxCheckIdentifierUnused(const char *identifier);
 extern int64 OutboxRetryFailed(const char *identifier);
 extern text *OutboxInsertEvent(const char *event_name, Jsonb *payload,
@@ -389,7 +412,8 @@ typedef enum UnknownMeterAction
 } UnknownMeterAction;
 
 extern void LifecycleDefineSettings(void);
-extern void MeterSyncCheckEnqueue(const char *event_name, const char *stripe_account);
+extern void MeterSyncCheckEnqueue(const char *event_name, const EnqueueMeter *meter,
+								  const char *stripe_account);
 extern int	MeterSyncRun(void);
 extern bool ListPageNext(const char *body, size_t len, bool *has_more, char **last_id);
 extern void CancelRepair(void);
