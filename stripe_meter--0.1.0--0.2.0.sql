@@ -180,3 +180,7 @@ SELECT
 	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
 	  WHERE a.status OPERATOR(pg_catalog.=) 'failed') AS cancels_failed
 FROM stripe_meter.worker_state() w;
+
+-- The outbox trigger reads the tables it checks by direct index lookups now,
+-- which need neither the owner's privileges nor a search_path.
+ALTER FUNCTION stripe_meter.outbox_before_insert() SECURITY INVOKER RESET search_path;
