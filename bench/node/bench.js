@@ -876,11 +876,22 @@ function report(R) {
   }
   if (enqRatioF > 1.3 || enqRatioI > 1.3) {
     notes.push('- Enqueue: callgrind on one pgbench backend (prepared, worker disabled) counts about 149k instructions per direct'
-      + ' INSERT into the outbox and 175k per stripe_meter_event_create() against 124k per plain INSERT. What remains is the'
-      + ' SECURITY DEFINER call of the validation trigger with its pinned search_path (about 10k, mostly PostgreSQL saving and'
-      + ' restoring settings), its index probes of meters and sync_state (about 12k) and, for the function, a second SECURITY'
-      + ' DEFINER call and the SPI INSERT (about 27k). The figures above come from a shared machine: compare them with the load'
-      + ' average (src/enqueue.c, src/enqueue_probe.c).');
+      + ' INSERT into the outbox and 165k per stripe_meter_event_create() against 124k per plain INSERT. What remains is the'
+      + ' validation trigger\'s index probes of meters and sync_state (about 12k) and, for the function, its SECURITY DEFINER'
+      + ' call and the SPI INSERT (about 27k). Compare the figures above with the load average (src/enqueue.c,'
+      + ' src/enqueue_probe.c).');
+  }
+  {
+    const pgUsMax = Math.max(...[d0, d100].map((d) => 1e6 * d.pgCpu / d.delivered));
+    if (pgUsMax > 100) {
+      notes.push(`- PostgreSQL CPU per v1 event (up to ${fmt(pgUsMax, 1)} µs, goal 100): almost all of it is the worker, and a profile`
+        + ' of it (perf record -e cpu-clock, 512 in flight, 0 ms) puts about 56 % in libcurl\'s socket handling'
+        + ' (curl_multi_socket_action: per-request URL parsing and header formatting, connection-cache lookups among 512 connections,'
+        + ' malloc/free, send/recv), about 30 % in SQL (claim 15 %, record 17 %, including index inserts) and about 5 % in parsing'
+        + ' the answers. It rises with latency because more connections stay open. One event per HTTP/1.1 request is what v1'
+        + ' costs: API v2 (section 2b) sends 100 events per request at a third of the CPU per event. Leads not yet tried: several'
+        + ' curl multi handles with smaller connection caches, and a leaner per-request curl setup.');
+    }
   }
   if (R.latency.busy.rate < 0.95 * P.loadRate) {
     notes.push(`- Latency under load: ${fmt(R.latency.busy.rate)} events/s were delivered while ${fmt(P.loadRate)} were offered, so a backlog built up and the probes waited behind it; the under-load latency then measures the backlog, not the wake-up path.`);
