@@ -394,8 +394,13 @@ give_back_request(StripeRequest *req)
 	free_requests = req;
 }
 
-static struct curl_slist *
-add_header(struct curl_slist *list, const char *fmt, const char *value)
+/*
+ * StripeCurlAddHeader
+ *		Append one header line (fmt with one %s) to a curl list; the
+ *		formatted line, which may hold the key, is wiped from the stack.
+ */
+struct curl_slist *
+StripeCurlAddHeader(struct curl_slist *list, const char *fmt, const char *value)
 {
 	char		line[512];
 	struct curl_slist *added;
@@ -488,16 +493,16 @@ StripeClientStartRequest(const StripeRequestSpec *spec)
 
 	req->owner = spec->owner;
 	req->done = spec->done;
-	req->headers = add_header(NULL, "Authorization: Bearer %s",
+	req->headers = StripeCurlAddHeader(NULL, "Authorization: Bearer %s",
 							  spec->bearer ? spec->bearer : stripe_meter_api_key);
-	req->headers = add_header(req->headers, "Stripe-Version: %s", stripe_meter_stripe_version);
+	req->headers = StripeCurlAddHeader(req->headers, "Stripe-Version: %s", stripe_meter_stripe_version);
 	if (spec->idempotency_key != NULL)
-		req->headers = add_header(req->headers, "Idempotency-Key: %s", spec->idempotency_key);
+		req->headers = StripeCurlAddHeader(req->headers, "Idempotency-Key: %s", spec->idempotency_key);
 	if (spec->stripe_account != NULL)
-		req->headers = add_header(req->headers, "Stripe-Account: %s", spec->stripe_account);
-	req->headers = add_header(req->headers, "Accept: %s", "application/json");
-	req->headers = add_header(req->headers, "Content-Type: %s", spec->content_type);
-	req->headers = add_header(req->headers, "Expect:%s", "");
+		req->headers = StripeCurlAddHeader(req->headers, "Stripe-Account: %s", spec->stripe_account);
+	req->headers = StripeCurlAddHeader(req->headers, "Accept: %s", "application/json");
+	req->headers = StripeCurlAddHeader(req->headers, "Content-Type: %s", spec->content_type);
+	req->headers = StripeCurlAddHeader(req->headers, "Expect:%s", "");
 
 	StripeCurlSetTransport(e, url);
 	curl_easy_setopt(e, CURLOPT_POST, 1L);

@@ -326,6 +326,9 @@ extern void StripeClientSettingsChanged(void);
 extern void StripeClientAppendEscaped(StringInfo buf, const char *s, int len);
 /* a libcurl easy handle (CURL *): its URL, TLS and transport settings */
 extern void StripeCurlSetTransport(void *handle, const char *url);
+struct curl_slist;
+extern struct curl_slist *StripeCurlAddHeader(struct curl_slist *list, const char *fmt,
+											  const char *value);
 
 /* ---- API v2: the meter event stream ---- */
 

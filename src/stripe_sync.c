@@ -98,22 +98,6 @@ sync_progress(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
 }
 
-static struct curl_slist *
-sync_add_header(struct curl_slist *list, const char *fmt, const char *value)
-{
-	char		line[512];
-	struct curl_slist *added;
-
-	snprintf(line, sizeof(line), fmt, value);
-	added = curl_slist_append(list, line);
-	explicit_bzero(line, sizeof(line));
-	if (added == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory")));
-	return added;
-}
-
 /*
  * StripeSyncKeyProblem
  *		Why no request can be made with the current key, or NULL.
@@ -189,18 +173,18 @@ StripeSyncRequest(const char *method, const char *path, const char *body,
 
 	PG_TRY();
 	{
-		headers = sync_add_header(NULL, "Authorization: Bearer %s", stripe_meter_api_key);
-		headers = sync_add_header(headers, "Stripe-Version: %s", stripe_meter_stripe_version);
+		headers = StripeCurlAddHeader(NULL, "Authorization: Bearer %s", stripe_meter_api_key);
+		headers = StripeCurlAddHeader(headers, "Stripe-Version: %s", stripe_meter_stripe_version);
 		if (idempotency_key != NULL)
-			headers = sync_add_header(headers, "Idempotency-Key: %s", idempotency_key);
+			headers = StripeCurlAddHeader(headers, "Idempotency-Key: %s", idempotency_key);
 		if (stripe_account != NULL)
-			headers = sync_add_header(headers, v2 ? "Stripe-Context: %s" : "Stripe-Account: %s",
+			headers = StripeCurlAddHeader(headers, v2 ? "Stripe-Context: %s" : "Stripe-Account: %s",
 									  stripe_account);
-		headers = sync_add_header(headers, "Accept: %s", "application/json");
+		headers = StripeCurlAddHeader(headers, "Accept: %s", "application/json");
 		if (body != NULL)
-			headers = sync_add_header(headers, "Content-Type: %s",
+			headers = StripeCurlAddHeader(headers, "Content-Type: %s",
 									  "application/x-www-form-urlencoded");
-		headers = sync_add_header(headers, "Expect:%s", "");
+		headers = StripeCurlAddHeader(headers, "Expect:%s", "");
 	}
 	PG_CATCH();
 	{
