@@ -43,7 +43,9 @@
 #include "tcop/tcopprot.h"
 
 /* what this one needs */
+#include "access/xact.h"
 #include "access/xlog.h"
+#include "commands/extension.h"
 #include "pgstat.h"
 #include "utils/backend_status.h"
 #include "utils/guc.h"
@@ -684,6 +686,18 @@ report_activity(void)
 	pgstat_report_activity(idle ? STATE_IDLE : STATE_RUNNING, shown);
 }
 
+/* in a transaction of its own: is the extension gone from this database? */
+static bool
+extension_dropped(void)
+{
+	bool		gone;
+
+	StartTransactionCommand();
+	gone = !OidIsValid(get_extension_oid("stripe_meter", true));
+	CommitTransactionCommand();
+	return gone;
+}
+
 /*
  * StripeMeterWorkerMain
  *		Entry point of a database's delivery worker (main_arg: its OID).
@@ -694,9 +708,9 @@ StripeMeterWorkerMain(Datum main_arg)
 	Oid			dboid = DatumGetObjectId(main_arg);
 	MemoryContext worker_cxt;
 	HASHCTL		ctl;
-	bool		ready_now;
-	bool		lifecycle_woken = true;
-	long		lifecycle_wait = 0;
+	volatile bool ready_now;
+	volatile bool lifecycle_woken = true;
+	volatile long lifecycle_wait = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -769,97 +783,124 @@ StripeMeterWorkerMain(Datum main_arg)
 				(errmsg("stripe_meter worker started delivering to %s", stripe_meter_api_url)));
 	set_paused(settings_problem());
 
-	ready_now = true;
-	for (;;)
+	/*
+	 * DROP EXTENSION can commit between a transaction's check that the
+	 * extension exists and its first statement, which then fails: stop as
+	 * quietly as when the drop is seen first, rather than exit with an
+	 * error and be restarted.
+	 */
+	PG_TRY();
 	{
-		TimestampTz now;
-		long		timeout;
-		long		limiter_wait;
-		bool		latch_set;
-
-		CHECK_FOR_INTERRUPTS();
-		if (ConfigReloadPending)
+		ready_now = true;
+		for (;;)
 		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-			StripeClientSettingsChanged();
-			/* a reload is how a key or URL problem gets fixed: try again */
-			set_paused(settings_problem());
-			ready_now = true;
-			if (stripe_meter_api_version != api_version && !api_switch_pending)
+			TimestampTz now;
+			long		timeout;
+			long		limiter_wait;
+			bool		latch_set;
+
+			CHECK_FOR_INTERRUPTS();
+			if (ConfigReloadPending)
 			{
-				api_switch_pending = true;
-				ereport(LOG,
-						(errmsg("stripe_meter worker restarts to apply stripe_meter.api_version = %s",
-								stripe_meter_api_version == STRIPE_API_V2 ? "v2" : "v1"),
-						 errdetail("Events already claimed are delivered first.")));
+				ConfigReloadPending = false;
+				ProcessConfigFile(PGC_SIGHUP);
+				StripeClientSettingsChanged();
+				/* a reload is how a key or URL problem gets fixed: try again */
+				set_paused(settings_problem());
+				ready_now = true;
+				if (stripe_meter_api_version != api_version && !api_switch_pending)
+				{
+					api_switch_pending = true;
+					ereport(LOG,
+							(errmsg("stripe_meter worker restarts to apply stripe_meter.api_version = %s",
+									stripe_meter_api_version == STRIPE_API_V2 ? "v2" : "v1"),
+							 errdetail("Events already claimed are delivered first.")));
+				}
 			}
-		}
 
-		/* a new API: finish what is claimed, then let a new worker start */
-		if (api_switch_pending && held == 0 && StripeClientInFlight() == 0)
-			proc_exit(1);
+			/* a new API: finish what is claimed, then let a new worker start */
+			if (api_switch_pending && held == 0 && StripeClientInFlight() == 0)
+				proc_exit(1);
 
-		now = GetCurrentTimestamp();
-		RateLimiterTick(now);
+			now = GetCurrentTimestamp();
+			RateLimiterTick(now);
 
-		if (pause_reason[0] != '\0')
-			release_unsent();
-		else if (!api_switch_pending &&
-				 (ready_now || !claim_exhausted || now >= next_poll_at))
-		{
-			if (held < hold_limit())
+			if (pause_reason[0] != '\0')
+				release_unsent();
+			else if (!api_switch_pending &&
+					 (ready_now || !claim_exhausted || now >= next_poll_at))
 			{
-				claim_more(worker_cxt);
-				ready_now = false;
-				if (claim_exhausted && (next_poll_at <= now))
-					next_poll_at = TimestampTzPlusMilliseconds(now, stripe_meter_naptime);
+				if (held < hold_limit())
+				{
+					claim_more(worker_cxt);
+					ready_now = false;
+					if (claim_exhausted && (next_poll_at <= now))
+						next_poll_at = TimestampTzPlusMilliseconds(now, stripe_meter_naptime);
+				}
 			}
+
+			limiter_wait = start_requests();
+
+			/* record in batches: after enough, after a moment, or when idle */
+			if (finished.n > 0 &&
+				(finished.n >= RECORD_BATCH || StripeClientInFlight() == 0 ||
+				 TimestampDifferenceExceeds(first_finished_at, GetCurrentTimestamp(),
+											RECORD_DELAY_MS)))
+			{
+				record_finished();
+				continue;
+			}
+
+			purge_if_due(now);
+			/* lifecycle.c: cancellations, meter sync, error reports */
+			lifecycle_wait = LifecycleWorkerTick(pause_reason[0] != '\0', lifecycle_woken);
+			lifecycle_woken = false;
+			report_activity();
+
+			/* how long to wait: a record, a token, more to claim, or the poll */
+			if (finished.n > 0)
+				timeout = RECORD_DELAY_MS;
+			else if ((ready.n > 0 || V2StreamUnsent() > 0) &&
+					 pause_reason[0] == '\0' && limiter_wait >= 0 &&
+					 StripeClientInFlight() < stripe_meter_max_in_flight)
+				timeout = limiter_wait;
+			else if (!claim_exhausted && pause_reason[0] == '\0' &&
+					 held < hold_limit())
+				timeout = 0;
+			else if (claim_exhausted && pause_reason[0] == '\0')
+			{
+				long		secs;
+				int			usecs;
+
+				TimestampDifference(GetCurrentTimestamp(), next_poll_at, &secs, &usecs);
+				timeout = Min(secs * 1000 + usecs / 1000, (long) stripe_meter_naptime);
+			}
+			else
+				timeout = stripe_meter_naptime;
+
+			if (timeout < 0 || lifecycle_wait < timeout)
+				timeout = lifecycle_wait;
+			latch_set = StripeClientWait(timeout, request_done);
+			if (latch_set)
+				ready_now = lifecycle_woken = true;
 		}
-
-		limiter_wait = start_requests();
-
-		/* record in batches: after enough, after a moment, or when idle */
-		if (finished.n > 0 &&
-			(finished.n >= RECORD_BATCH || StripeClientInFlight() == 0 ||
-			 TimestampDifferenceExceeds(first_finished_at, GetCurrentTimestamp(),
-										RECORD_DELAY_MS)))
-		{
-			record_finished();
-			continue;
-		}
-
-		purge_if_due(now);
-		/* lifecycle.c: cancellations, meter sync, error reports */
-		lifecycle_wait = LifecycleWorkerTick(pause_reason[0] != '\0', lifecycle_woken);
-		lifecycle_woken = false;
-		report_activity();
-
-		/* how long to wait: a record, a token, more to claim, or the poll */
-		if (finished.n > 0)
-			timeout = RECORD_DELAY_MS;
-		else if ((ready.n > 0 || V2StreamUnsent() > 0) &&
-				 pause_reason[0] == '\0' && limiter_wait >= 0 &&
-				 StripeClientInFlight() < stripe_meter_max_in_flight)
-			timeout = limiter_wait;
-		else if (!claim_exhausted && pause_reason[0] == '\0' &&
-				 held < hold_limit())
-			timeout = 0;
-		else if (claim_exhausted && pause_reason[0] == '\0')
-		{
-			long		secs;
-			int			usecs;
-
-			TimestampDifference(GetCurrentTimestamp(), next_poll_at, &secs, &usecs);
-			timeout = Min(secs * 1000 + usecs / 1000, (long) stripe_meter_naptime);
-		}
-		else
-			timeout = stripe_meter_naptime;
-
-		if (timeout < 0 || lifecycle_wait < timeout)
-			timeout = lifecycle_wait;
-		latch_set = StripeClientWait(timeout, request_done);
-		if (latch_set)
-			ready_now = lifecycle_woken = true;
 	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(worker_cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		if (extension_dropped())
+		{
+			ereport(LOG,
+					(errmsg("stripe_meter worker is stopping: the extension was dropped from this database")));
+			extension_absent = true;
+			proc_exit(0);
+		}
+		ReThrowError(edata);
+	}
+	PG_END_TRY();
 }
