@@ -205,28 +205,6 @@ STABLE
 AS 'MODULE_PATHNAME', 'stripe_meter_worker_state';
 REVOKE ALL ON FUNCTION stripe_meter.worker_state() FROM PUBLIC;
 
-CREATE VIEW stripe_meter.status AS
-SELECT
-	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
-	  WHERE o.in_flight_since IS NULL) AS pending,
-	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
-	  WHERE o.in_flight_since IS NOT NULL) AS in_flight,
-	(SELECT pg_catalog.count(*) FROM stripe_meter.meter_events) AS delivered,
-	(SELECT pg_catalog.count(*) FROM stripe_meter.failed_events) AS failed,
-	pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
-		(SELECT o.enqueued_at FROM stripe_meter.outbox o ORDER BY o.id LIMIT 1)
-		AS oldest_pending_age,
-	w.paused,
-	w.last_error,
-	(SELECT pg_catalog.count(*) FROM stripe_meter.meter_events d
-	  WHERE d.delivered_at OPERATOR(pg_catalog.>)
-			(pg_catalog.now() OPERATOR(pg_catalog.-) interval '1 minute'))
-		AS delivered_last_minute,
-	w.worker_pid
-FROM stripe_meter.worker_state() w;
-COMMENT ON VIEW stripe_meter.status IS
-	'Queue depth, delivery counts and the delivery worker''s state for this database';
-
 -- ---------------------------------------------------------------------------
 -- The event lifecycle after delivery: cancellations, meters read from
 -- Stripe, asynchronous error reports and reconciliation.
@@ -363,7 +341,9 @@ REVOKE ALL ON FUNCTION @extschema@.stripe_meter_reconcile(text, text, timestampt
 COMMENT ON FUNCTION @extschema@.stripe_meter_reconcile(text, text, timestamptz, timestamptz, text, text) IS
 	'Compares delivered events with Stripe''s event summaries for one customer and meter, per window';
 
-CREATE OR REPLACE VIEW stripe_meter.status AS
+-- What an operator watches: queue, deliveries, failures, the worker's state,
+-- and what happened after delivery.
+CREATE VIEW stripe_meter.status AS
 SELECT
 	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
 	  WHERE o.in_flight_since IS NULL) AS pending,
@@ -388,6 +368,8 @@ SELECT
 	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
 	  WHERE a.status OPERATOR(pg_catalog.=) 'failed') AS cancels_failed
 FROM stripe_meter.worker_state() w;
+COMMENT ON VIEW stripe_meter.status IS
+	'Queue depth, delivery counts and the delivery worker''s state for this database';
 
 -- Tell a running launcher that this database now has the extension.
 CREATE FUNCTION stripe_meter.launcher_notify()
