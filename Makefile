@@ -31,7 +31,8 @@ OBJS = \
 	src/cancel.o \
 	src/meter_sync.o \
 	src/async_errors.o \
-	src/reconcile.o
+	src/reconcile.o \
+	src/wait_events.o
 PGFILEDESC = "stripe_meter - deliver meter events to Stripe"
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql

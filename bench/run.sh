@@ -32,11 +32,13 @@ done
 
 # --- what the benchmark needs beyond the build and test dependencies
 bash "$src/scripts/install-deps.sh"
+. "$src/scripts/pg-select.sh"
+pg_select
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v gnuplot >/dev/null 2>&1 || need+=(gnuplot-nox)
 command -v npm >/dev/null 2>&1 || need+=(npm)
-[ -x /usr/lib/postgresql/15/bin/pgbench ] || need+=(postgresql-15)
+[ -x "$PG_BINDIR/pgbench" ] || need+=("postgresql-$PG_MAJOR")
 if [ ${#need[@]} -gt 0 ]; then
 	if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
 	echo "bench: installing ${need[*]}"
@@ -57,16 +59,11 @@ else
 	work="$src"
 fi
 
-# --- the private server copy (as in scripts/test.sh)
+# --- the private server copy
 PRIVATE_PG="${PRIVATE_PG:-/tmp/stripe_meter-bench-pg}"
-if [ ! -x "$PRIVATE_PG/usr/lib/postgresql/15/bin/pg_config" ]; then
-	mkdir -p "$PRIVATE_PG/usr/lib/postgresql" "$PRIVATE_PG/usr/share/postgresql" "$PRIVATE_PG/usr/include"
-	cp -a /usr/lib/postgresql/15 "$PRIVATE_PG/usr/lib/postgresql/"
-	cp -a /usr/share/postgresql/15 "$PRIVATE_PG/usr/share/postgresql/"
-	cp -a /usr/include/postgresql "$PRIVATE_PG/usr/include/"
-fi
+bash "$src/scripts/private-pg.sh" "$PRIVATE_PG"
 [ "$(id -u)" -eq 0 ] && chown -R "$bench_user": "$PRIVATE_PG"
-pgbin="$PRIVATE_PG/usr/lib/postgresql/15/bin"
+pgbin="$PRIVATE_PG/usr/lib/postgresql/$PG_MAJOR/bin"
 
 run_as "cd '$work' && make -s PG_CONFIG='$pgbin/pg_config' clean >/dev/null && make -s PG_CONFIG='$pgbin/pg_config' >/dev/null && make -s PG_CONFIG='$pgbin/pg_config' install >/dev/null"
 run_as "cd '$work/bench/node' && npm ci --no-audit --no-fund --loglevel=error >/dev/null"

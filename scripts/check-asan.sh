@@ -12,19 +12,16 @@
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$src/scripts/install-deps.sh"
+. "$src/scripts/pg-select.sh"
+pg_select
 export PRIVATE_PG="${ASAN_PG:-/tmp/stripe_meter_asan_pg}"
 reports="${ASAN_REPORTS:-/tmp/stripe_meter_asan_reports}"
 libasan="$(gcc -print-file-name=libasan.so)"
 libasan="$(readlink -f "$libasan")"
 [ -f "$libasan" ] || { echo "libasan not found (gcc's libasan package)"; exit 1; }
 
-bin="$PRIVATE_PG/usr/lib/postgresql/15/bin"
-if [ ! -x "$bin/pg_config" ]; then
-	mkdir -p "$PRIVATE_PG/usr/lib/postgresql" "$PRIVATE_PG/usr/share/postgresql" "$PRIVATE_PG/usr/include"
-	cp -a /usr/lib/postgresql/15 "$PRIVATE_PG/usr/lib/postgresql/"
-	cp -a /usr/share/postgresql/15 "$PRIVATE_PG/usr/share/postgresql/"
-	cp -a /usr/include/postgresql "$PRIVATE_PG/usr/include/"
-fi
+bin="$PRIVATE_PG/usr/lib/postgresql/$PG_MAJOR/bin"
+bash "$src/scripts/private-pg.sh" "$PRIVATE_PG"
 [ -e "$bin/postgres.real" ] || mv "$bin/postgres" "$bin/postgres.real"
 
 # A preloaded libasan initialises lazily, on the first malloc; when that

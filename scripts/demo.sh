@@ -12,12 +12,13 @@
 # Settings (environment): DEMO_DIR (default /tmp/stripe_meter_demo),
 # DEMO_PORT (default 25432), STRIPE_API_KEY and STRIPE_CUSTOMER_ID (real
 # Stripe: the key of a test-mode account and a customer of it; the account
-# needs a meter for the event name "stripe_meter_demo").
+# needs a meter for the event name "stripe_meter_demo"), PG_MAJOR or PG_CONFIG
+# (which PostgreSQL; default: the newest installed).
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
 dir="${DEMO_DIR:-/tmp/stripe_meter_demo}"
 port="${DEMO_PORT:-25432}"
-bindir=/usr/lib/postgresql/15/bin
+. "$src/scripts/pg-select.sh"
 
 if [ "$(id -u)" -eq 0 ]; then
 	user=stripe_meter_demo
@@ -40,19 +41,24 @@ stop() {
 }
 
 if [ "${1:-}" = stop ]; then
+	pg_select
+	bindir="$PG_BINDIR"
 	stop
 	echo "stopped; remove $dir to delete the demo's data"
 	exit 0
 fi
 
 bash "$src/scripts/install-deps.sh"
+. "$src/scripts/pg-select.sh"
+pg_select
+bindir="$PG_BINDIR"
 if [ "$(id -u)" -eq 0 ]; then
 	id -u "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
 fi
 
 echo "== building and installing stripe_meter"
-make -s -C "$src" >/dev/null
-$SUDO make -s -C "$src" install >/dev/null
+make -s -C "$src" PG_CONFIG="$PG_CONFIG" >/dev/null
+$SUDO make -s -C "$src" PG_CONFIG="$PG_CONFIG" install >/dev/null
 
 stop
 mkdir -p "$dir"
@@ -93,7 +99,7 @@ stripe_meter.api_key = '$api_key'
 EOF
 as_user "$bindir/pg_ctl -D '$dir/data' -l '$dir/server.log' -w start >/dev/null"
 
-psql_demo() { as_user "psql -X -q -h '$dir' -p $port -d postgres -v ON_ERROR_STOP=1 $*"; }
+psql_demo() { as_user "$bindir/psql -X -q -h '$dir' -p $port -d postgres -v ON_ERROR_STOP=1 $*"; }
 
 echo "== queueing sample events: the function, a trigger, a direct INSERT"
 psql_demo <<EOF

@@ -4,9 +4,14 @@
 #
 # PostgreSQL refuses to run as root, so when run as root the tests run as an
 # unprivileged user (stripe_meter_test) in a copy of the source tree.
+#
+# Which PostgreSQL: PG_CONFIG=/path/to/pg_config or PG_MAJOR=NN; by default
+# the newest installed (scripts/pg-select.sh).
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$src/scripts/install-deps.sh"
+. "$src/scripts/pg-select.sh"
+pg_select
 
 run_as() { if [ "$(id -u)" -eq 0 ]; then su "$test_user" -s /bin/bash -c "$1"; else bash -c "$1"; fi; }
 
@@ -27,23 +32,18 @@ cd "$work"
 # PRIVATE_PG=/some/dir tests against a private, relocated copy of the server
 # installation instead of installing into the system one, so several
 # checkouts can be tested side by side without overwriting each other.
-pgc=
+pgc="PG_CONFIG=$PG_CONFIG"
 if [ -n "${PRIVATE_PG:-}" ]; then
-	if [ ! -x "$PRIVATE_PG/usr/lib/postgresql/15/bin/pg_config" ]; then
-		mkdir -p "$PRIVATE_PG/usr/lib/postgresql" "$PRIVATE_PG/usr/share/postgresql" "$PRIVATE_PG/usr/include"
-		cp -a /usr/lib/postgresql/15 "$PRIVATE_PG/usr/lib/postgresql/"
-		cp -a /usr/share/postgresql/15 "$PRIVATE_PG/usr/share/postgresql/"
-		cp -a /usr/include/postgresql "$PRIVATE_PG/usr/include/"
-	fi
+	bash "$src/scripts/private-pg.sh" "$PRIVATE_PG"
 	[ "$(id -u)" -eq 0 ] && chown -R "$test_user": "$PRIVATE_PG"
-	pgc="PG_CONFIG=$PRIVATE_PG/usr/lib/postgresql/15/bin/pg_config"
+	pgc="PG_CONFIG=$PRIVATE_PG/usr/lib/postgresql/$PG_MAJOR/bin/pg_config"
 fi
 
 run_as "cd '$work' && make -s $pgc clean >/dev/null && make -s $pgc"
-if [ -n "$pgc" ]; then
+if [ -n "${PRIVATE_PG:-}" ]; then
 	run_as "cd '$work' && make -s $pgc install >/dev/null"
 else
-	$SUDO make -s install >/dev/null
+	$SUDO make -s $pgc install >/dev/null
 fi
 
 status=0
@@ -60,6 +60,6 @@ if [ $status -ne 0 ]; then
 	echo "(work tree kept in $work)"
 	exit $status
 fi
-echo "all tests passed"
+echo "all tests passed on PostgreSQL $("$PG_CONFIG" --version | sed 's/^PostgreSQL //')"
 [ "$work" != "$src" ] && rm -rf "$work"
 exit 0

@@ -38,13 +38,13 @@ typedef struct StorableCheck
 /* deeper than any answer of Stripe's; the parser recurses per level */
 #define MAX_STORABLE_DEPTH	64
 
-static void
+static JSON_CALLBACK_RESULT
 check_scalar(void *state, char *token, JsonTokenType tokentype)
 {
 	const char *e;
 
 	if (tokentype != JSON_TOKEN_NUMBER)
-		return;
+		JSON_CALLBACK_DONE;
 
 	/*
 	 * numeric input raises an ERROR for absurd numbers (too long, or an
@@ -59,6 +59,7 @@ check_scalar(void *state, char *token, JsonTokenType tokentype)
 		if (exponent > 1000 || exponent < -1000)
 			((StorableCheck *) state)->ok = false;
 	}
+	JSON_CALLBACK_DONE;
 }
 
 /*
@@ -125,8 +126,7 @@ DeliveryJsonIsStorable(const char *json, size_t len)
 	memset(&sem, 0, sizeof(sem));
 	sem.semstate = &state;
 	sem.scalar = check_scalar;
-	lex = makeJsonLexContextCstringLen(pnstrdup(json, len), len,
-									   GetDatabaseEncoding(), true);
+	lex = make_json_lexer(pnstrdup(json, len), len, GetDatabaseEncoding());
 	rc = pg_parse_json(lex, &sem);
 	return rc == JSON_SUCCESS && state.ok;
 }

@@ -177,7 +177,7 @@ probe(const ProbeTarget *t, Datum key, TupleTableSlot **slotp)
 						   index->rd_indcollation[0], F_TEXTEQ, key);
 
 	slot = table_slot_create(heap, NULL);
-	scan = index_beginscan(heap, index, GetActiveSnapshot(), 1, 0);
+	scan = begin_index_scan(heap, index, GetActiveSnapshot(), 1);
 	index_rescan(scan, &skey, 1, NULL, 0);
 	found = index_getnext_slot(scan, ForwardScanDirection, slot);
 	index_endscan(scan);
@@ -243,7 +243,7 @@ EnqueueProbeMetersSynced(void)
 
 	rel = table_open(cache.sync_state, AccessShareLock);
 	slot = table_slot_create(rel, NULL);
-	scan = table_beginscan(rel, GetActiveSnapshot(), 0, NULL);
+	scan = begin_table_scan(rel, GetActiveSnapshot());
 	if (table_scan_getnextslot(scan, ForwardScanDirection, slot))
 	{
 		bool		isnull;

@@ -182,12 +182,15 @@ check_api_key(char **newval, void **extra, GucSource source)
 	if (strcmp(key, API_KEY_TOKEN) == 0)
 		key = stripe_meter_api_key ? stripe_meter_api_key : "";
 
-	copy = malloc(strlen(key) + 1);	/* PostgreSQL 15 frees GUC memory with free() */
-	token = malloc(sizeof(API_KEY_TOKEN));
+	/* the server frees both with guc_free(), so they come from guc_malloc() */
+	copy = guc_malloc(LOG, strlen(key) + 1);
+	token = guc_malloc(LOG, sizeof(API_KEY_TOKEN));
 	if (copy == NULL || token == NULL)
 	{
-		free(copy);
-		free(token);
+		if (copy)
+			guc_free(copy);
+		if (token)
+			guc_free(token);
 		return false;
 	}
 	strcpy(copy, key);
@@ -195,7 +198,7 @@ check_api_key(char **newval, void **extra, GucSource source)
 	if (*newval)
 	{
 		explicit_bzero(*newval, strlen(*newval));
-		free(*newval);
+		guc_free(*newval);
 	}
 	*newval = token;
 	*extra = copy;

@@ -87,7 +87,9 @@ start_worker(int i)
 	BackgroundWorker worker;
 
 	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	/* on 19, DROP DATABASE and its kin stop the worker instead of failing */
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION |
+		WORKER_STOPPED_BY_DATABASE_COMMANDS;
 	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
 	worker.bgw_restart_time = BGW_NEVER_RESTART;
 	strlcpy(worker.bgw_library_name, "stripe_meter", BGW_MAXLEN);
@@ -311,7 +313,7 @@ StripeMeterLauncherMain(Datum main_arg)
 			timeout = restart_ms;
 
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 timeout, PG_WAIT_EXTENSION);
+						 timeout, StripeMeterWaitEvent(SM_WAIT_LAUNCHER));
 		ResetLatch(MyLatch);
 	}
 }

@@ -545,7 +545,7 @@ rebuild_wait_set(void)
 
 	if (wait_set != NULL)
 		FreeWaitEventSet(wait_set);
-	wait_set = CreateWaitEventSet(client_cxt, (int) nsockets + 3);
+	wait_set = create_wait_event_set(client_cxt, (int) nsockets + 3);
 	AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 	AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
 #ifdef USE_CURL_EPOLL
@@ -643,7 +643,7 @@ drive_ready_sockets(void)
  * postmaster dies.
  */
 bool
-StripeClientWait(long timeout_ms, StripeDoneCallback done)
+StripeClientWait(long timeout_ms, uint32 wait_event_info, StripeDoneCallback done)
 {
 	WaitEvent	events[MAX_WAIT_EVENTS];
 	int			n;
@@ -667,7 +667,7 @@ StripeClientWait(long timeout_ms, StripeDoneCallback done)
 	}
 
 	n = WaitEventSetWait(wait_set, timeout_ms, events, MAX_WAIT_EVENTS,
-						 PG_WAIT_EXTENSION);
+						 wait_event_info);
 	for (i = 0; i < n; i++)
 	{
 		if (events[i].events & WL_LATCH_SET)

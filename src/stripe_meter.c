@@ -23,7 +23,12 @@
 
 #include "stripe_meter.h"
 
+/* 18 and later: pg_get_loaded_modules() shows the name and version */
+#ifdef PG_MODULE_MAGIC_EXT
+PG_MODULE_MAGIC_EXT(.name = "stripe_meter",.version = STRIPE_METER_VERSION);
+#else
 PG_MODULE_MAGIC;
+#endif
 
 void		_PG_init(void);
 

@@ -35,6 +35,8 @@
 #include "storage/lwlock.h"
 #include "utils/jsonb.h"
 
+#include "pg_compat.h"
+
 #ifndef STRIPE_METER_VERSION
 #define STRIPE_METER_VERSION "0.0.0"
 #endif
@@ -321,7 +323,8 @@ typedef struct StripeRequestSpec
 
 extern bool StripeClientStartRequest(const StripeRequestSpec *spec);
 extern int	StripeClientInFlight(void);
-extern bool StripeClientWait(long timeout_ms, StripeDoneCallback done);
+extern bool StripeClientWait(long timeout_ms, uint32 wait_event_info,
+							 StripeDoneCallback done);
 extern void StripeClientSettingsChanged(void);
 extern void StripeClientAppendEscaped(StringInfo buf, const char *s, int len);
 /* a libcurl easy handle (CURL *): its URL, TLS and transport settings */
@@ -424,5 +427,19 @@ extern TimestampTz CancelDeliverDue(int limit);
 extern void AsyncErrorsPull(void);
 extern void LifecycleWorkerRepair(void);
 extern long LifecycleWorkerTick(bool paused, bool woken);
+
+/* wait_events.c: what pg_stat_activity.wait_event shows */
+typedef enum StripeMeterWait
+{
+	SM_WAIT_STRIPE,				/* requests in flight: Stripe's answers */
+	SM_WAIT_CLAIM,				/* nothing to claim: new events or the poll */
+	SM_WAIT_RECORD,				/* gathering answers into one record batch */
+	SM_WAIT_RATE_LIMIT,			/* the next rate-limit token */
+	SM_WAIT_PAUSED,				/* delivery paused */
+	SM_WAIT_LAUNCHER,			/* the launcher, between scans */
+	SM_WAIT_COUNT
+} StripeMeterWait;
+
+extern uint32 StripeMeterWaitEvent(StripeMeterWait wait);
 
 #endif							/* STRIPE_METER_H */

@@ -235,7 +235,7 @@ StripeSyncRequest(const char *method, const char *path, const char *body,
 	curl_easy_cleanup(e);
 	pfree(url);
 	/* a backend whose query was cancelled stops here */
-	if (!IsBackgroundWorker)
+	if (!AmBackgroundWorkerProcess())
 		CHECK_FOR_INTERRUPTS();
 	return true;
 }

@@ -49,40 +49,45 @@ typedef struct FieldGrab
 	char	   *field[3];
 } FieldGrab;
 
-static void
+static JSON_CALLBACK_RESULT
 grab_object_start(void *state)
 {
 	((FieldGrab *) state)->depth++;
+	JSON_CALLBACK_DONE;
 }
 
-static void
+static JSON_CALLBACK_RESULT
 grab_object_end(void *state)
 {
 	((FieldGrab *) state)->depth--;
+	JSON_CALLBACK_DONE;
 }
 
-static void
+static JSON_CALLBACK_RESULT
 grab_array_start(void *state)
 {
 	((FieldGrab *) state)->array_depth++;
+	JSON_CALLBACK_DONE;
 }
 
-static void
+static JSON_CALLBACK_RESULT
 grab_array_end(void *state)
 {
 	((FieldGrab *) state)->array_depth--;
+	JSON_CALLBACK_DONE;
 }
 
-static void
+static JSON_CALLBACK_RESULT
 grab_field_start(void *state, char *fname, bool isnull)
 {
 	FieldGrab  *g = state;
 
 	if (g->depth >= 1 && g->depth <= 2)
 		g->field[g->depth] = fname;
+	JSON_CALLBACK_DONE;
 }
 
-static void
+static JSON_CALLBACK_RESULT
 grab_scalar(void *state, char *token, JsonTokenType tokentype)
 {
 	FieldGrab  *g = state;
@@ -90,7 +95,7 @@ grab_scalar(void *state, char *token, JsonTokenType tokentype)
 	int			i;
 
 	if (g->array_depth > 0 || g->depth < 1 || g->depth > 2 || token == NULL)
-		return;
+		JSON_CALLBACK_DONE;
 	if (g->depth == 1)
 		snprintf(path, sizeof(path), "%s", g->field[1]);
 	else
@@ -98,6 +103,7 @@ grab_scalar(void *state, char *token, JsonTokenType tokentype)
 	for (i = 0; i < g->npaths; i++)
 		if (strcmp(path, g->paths[i]) == 0 && g->values[i] == NULL)
 			g->values[i] = pstrdup(token);
+	JSON_CALLBACK_DONE;
 }
 
 /*
@@ -127,8 +133,7 @@ json_grab(const char *json, size_t len, const char *const *paths, char **values,
 	sem.array_end = grab_array_end;
 	sem.object_field_start = grab_field_start;
 	sem.scalar = grab_scalar;
-	lex = makeJsonLexContextCstringLen(pnstrdup(json, len), len,
-									   GetDatabaseEncoding(), true);
+	lex = make_json_lexer(pnstrdup(json, len), len, GetDatabaseEncoding());
 	return pg_parse_json(lex, &sem) == JSON_SUCCESS;
 }
 

@@ -174,7 +174,7 @@ stream_done(void *owner, const HttpResult *http)
 				}
 				break;
 			}
-			/* FALLTHROUGH */
+			pg_fallthrough;
 		case V2_STREAM_TOKEN_REFUSED:
 		case V2_STREAM_ACCEPTED:
 		case V2_STREAM_OTHER:

@@ -218,7 +218,7 @@ wait_for_schema_update(void)
 			told = true;
 		}
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 stripe_meter_naptime, PG_WAIT_EXTENSION);
+						 stripe_meter_naptime, StripeMeterWaitEvent(SM_WAIT_PAUSED));
 		ResetLatch(MyLatch);
 	}
 	if (told)
@@ -796,6 +796,7 @@ StripeMeterWorkerMain(Datum main_arg)
 		{
 			TimestampTz now;
 			long		timeout;
+			StripeMeterWait wait;
 			long		limiter_wait;
 			bool		latch_set;
 
@@ -859,14 +860,23 @@ StripeMeterWorkerMain(Datum main_arg)
 
 			/* how long to wait: a record, a token, more to claim, or the poll */
 			if (finished.n > 0)
+			{
 				timeout = RECORD_DELAY_MS;
+				wait = SM_WAIT_RECORD;
+			}
 			else if ((ready.n > 0 || V2StreamUnsent() > 0) &&
 					 pause_reason[0] == '\0' && limiter_wait >= 0 &&
 					 StripeClientInFlight() < stripe_meter_max_in_flight)
+			{
 				timeout = limiter_wait;
+				wait = SM_WAIT_RATE_LIMIT;
+			}
 			else if (!claim_exhausted && pause_reason[0] == '\0' &&
 					 held < hold_limit())
+			{
 				timeout = 0;
+				wait = SM_WAIT_CLAIM;
+			}
 			else if (claim_exhausted && pause_reason[0] == '\0')
 			{
 				long		secs;
@@ -874,13 +884,21 @@ StripeMeterWorkerMain(Datum main_arg)
 
 				TimestampDifference(GetCurrentTimestamp(), next_poll_at, &secs, &usecs);
 				timeout = Min(secs * 1000 + usecs / 1000, (long) stripe_meter_naptime);
+				wait = SM_WAIT_CLAIM;
 			}
 			else
+			{
 				timeout = stripe_meter_naptime;
+				wait = pause_reason[0] != '\0' ? SM_WAIT_PAUSED : SM_WAIT_CLAIM;
+			}
+			/* answers awaited say more than an idle poll or a full window */
+			if (StripeClientInFlight() > 0 && wait != SM_WAIT_RECORD)
+				wait = SM_WAIT_STRIPE;
 
 			if (timeout < 0 || lifecycle_wait < timeout)
 				timeout = lifecycle_wait;
-			latch_set = StripeClientWait(timeout, request_done);
+			latch_set = StripeClientWait(timeout, StripeMeterWaitEvent(wait),
+										 request_done);
 			if (latch_set)
 				ready_now = lifecycle_woken = true;
 		}
