@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Build the Debian package postgresql-15-stripe-meter from this source tree:
+# Build the Debian packages postgresql-NN-stripe-meter from this source tree,
+# one for each PostgreSQL NN whose server headers are installed
+# (debian/pgversions: 15 and later):
 #
 #   bash scripts/build-deb.sh [OUTDIR]        # default OUTDIR: dist/
 #
+# With no server headers at all, those of scripts/pg-select.sh's choice
+# (PG_MAJOR, or the newest server installed) are installed first.
 # Installs the build dependencies with apt-get when missing, builds with
 # dpkg-buildpackage (pg_buildext; the pg_regress suite runs during the build)
 # in a temporary copy of the tree, and leaves the .deb in OUTDIR.  The copy
@@ -12,11 +16,15 @@ set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
 out="$(mkdir -p "${1:-$src/dist}" && cd "${1:-$src/dist}" && pwd)"
 
+. "$src/scripts/pg-select.sh"
 need=()
 command -v dpkg-buildpackage >/dev/null 2>&1 || need+=(dpkg-dev)
 command -v dh >/dev/null 2>&1 || need+=(debhelper)
 command -v dh_pgxs_test >/dev/null 2>&1 || need+=(postgresql-server-dev-all)
-[ -d /usr/lib/postgresql/15/lib/pgxs ] || need+=(postgresql-server-dev-15)
+if ! ls /usr/include/postgresql/*/server/postgres.h >/dev/null 2>&1; then
+	pg_select
+	need+=("postgresql-server-dev-$PG_MAJOR")
+fi
 command -v curl-config >/dev/null 2>&1 || need+=(libcurl4-openssl-dev)
 command -v gcc >/dev/null 2>&1 && command -v make >/dev/null 2>&1 || need+=(build-essential)
 if [ ${#need[@]} -gt 0 ]; then
@@ -55,7 +63,10 @@ else
 fi
 chmod -R a+rX "$tmp/stripe-meter"
 
-(cd "$tmp/stripe-meter" && dpkg-checkbuilddeps && dpkg-buildpackage -us -uc -b)
+# a package for every installed version (debian/rules says so too), named
+# in debian/control from control.in
+export PG_SUPPORTED_VERSIONS=installed
+(cd "$tmp/stripe-meter" && pg_buildext updatecontrol && dpkg-checkbuilddeps && dpkg-buildpackage -us -uc -b)
 
 rm -f "$out"/postgresql-*-stripe-meter_*.deb
 cp "$tmp"/postgresql-*-stripe-meter_*.deb "$out/"

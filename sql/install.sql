@@ -1,12 +1,17 @@
 -- CREATE EXTENSION works with default settings, without preloading.
 CREATE EXTENSION stripe_meter;
 
--- Every object the extension owns; an accidental change fails here.
-SELECT pg_describe_object(classid, objid, objsubid) AS object
-  FROM pg_depend
- WHERE refclassid = 'pg_extension'::regclass
-   AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'stripe_meter')
-   AND deptype = 'e'
+-- Every object the extension owns; an accidental change fails here.  From
+-- 17 on, a table's or view's row type and its array type are members too:
+-- they come with the relation, so every version lists the relations alone.
+SELECT pg_describe_object(d.classid, d.objid, d.objsubid) AS object
+  FROM pg_depend d
+ WHERE d.refclassid = 'pg_extension'::regclass
+   AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'stripe_meter')
+   AND d.deptype = 'e'
+   AND NOT (d.classid = 'pg_type'::regclass AND EXISTS (
+            SELECT FROM pg_type t LEFT JOIN pg_type elem ON elem.oid = t.typelem
+             WHERE t.oid = d.objid AND (t.typrelid <> 0 OR elem.typrelid <> 0)))
  ORDER BY 1;
 
 -- The user-facing functions live in the extension's schema (public here),
