@@ -131,6 +131,9 @@ ensure() {
 	if [ ! -f "$root/usr/lib/postgresql/$major/bin/postgres" ] ||
 		[ ! -f "$root/usr/include/postgresql/$major/server/postgres.h" ]; then
 		[ "$major" = 19 ] && target=(-t experimental)
+		# not while a command runs in the root: the mounts are shared
+		exec 9>"$root.lock"
+		flock 9
 		mounts_up "$root"
 		echo "pg-root: installing postgresql-$major and postgresql-server-dev-$major into $root"
 		if ! { root_apt "$root" -qq update &&
@@ -140,6 +143,7 @@ ensure() {
 			die "could not install PostgreSQL $major into $root"
 		fi
 		mounts_down "$root"
+		flock -u 9
 	fi
 	flock -u 8
 }

@@ -55,13 +55,15 @@ sub start_mock
 	return StripeMock->new(%config ? (config => \%config) : ());
 }
 
-=head2 new_node($name, mock => $mock, conf => {...}, databases => [...], start => 1, init => {...})
+=head2 new_node($name, mock => $mock, conf => {...}, databases => [...], start => 1, init => {...}, install_path => $dir)
 
 A node that preloads stripe_meter and delivers to the mock quickly: no rate
 limit, retries after 50..500 ms, a 1 s naptime.  conf adds or overrides
 postgresql.conf settings (values are quoted).  The extension is created in
 each of databases (default: postgres; databases other than postgres are
 created first).  init passes extra arguments to init (allows_streaming).
+install_path runs another installation of PostgreSQL (default: the one in
+PATH).
 
 =cut
 
@@ -69,7 +71,8 @@ sub new_node
 {
 	my ($name, %o) = @_;
 	my $mock = $o{mock} or croak 'new_node: mock => $mock is required';
-	my $node = PostgreSQL::Test::Cluster->new($name);
+	my $node = PostgreSQL::Test::Cluster->new($name,
+		$o{install_path} ? (install_path => $o{install_path}) : ());
 	$node->init(extra => [ '--encoding=UTF8', '--locale=C' ], %{ $o{init} // {} });
 
 	my %conf = (
