@@ -50,16 +50,11 @@ bash "$src/scripts/pg-root.sh" run-in "$root" '
 ' >"$log" 2>&1 || status=$?
 
 secs=$(($(date +%s) - start))
-version="$(sed -n 's/^all tests passed on PostgreSQL //p' "$log" | tail -n 1)"
-tap="$(sed -n 's/^Files=\([0-9]*\), Tests=\([0-9]*\),.*/\1 TAP files, \2 TAP tests/p' "$log" | tail -n 1)"
-regress="$(sed -n 's/^[# ]*All \([0-9]*\) tests passed.*/\1 regress tests/p' "$log" | tail -n 1)"
-# the demo's table of delivered events: four sample events, each delivered
-delivered="$(grep -cE '^ [^|]+\| delivered +\|' "$log" || true)"
-if [ $status -eq 0 ] && [ "$delivered" -ge 4 ]; then
-	echo "PostgreSQL 15: passed in a fresh Debian 12 root (server and git only): ${version:-?}; ${regress:-? regress tests}, ${tap:-? TAP tests}; demo delivered $delivered sample events; $((secs / 60)) min $((secs % 60)) s"
+if [ $status -eq 0 ] && summary="$(bash "$src/scripts/suite-summary.sh" "$log")"; then
+	echo "PostgreSQL 15: passed in a fresh Debian 12 root (server and git only): $summary; $((secs / 60)) min $((secs % 60)) s"
 	rm -rf "$root"
 	exit 0
 fi
-echo "PostgreSQL 15: FAILED in a fresh Debian 12 root (exit $status, $delivered sample events delivered) after $((secs / 60)) min $((secs % 60)) s; end of $log:"
+echo "PostgreSQL 15: FAILED in a fresh Debian 12 root (exit $status): $(bash "$src/scripts/suite-summary.sh" "$log" || true); after $((secs / 60)) min $((secs % 60)) s; end of $log:"
 tail -n 150 "$log" | sed 's/^/    /'
 exit 1

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite (scripts/test.sh: pg_regress and every TAP test) on
+# The whole test suite (scripts/test.sh: pg_regress and every TAP test), then
+# the demo (scripts/demo.sh, which must show its events delivered), on
 # PostgreSQL majors this machine's Debian does not carry, each as Debian's
 # own postgresql-NN and postgresql-server-dev-NN in a throwaway root file
 # system (scripts/pg-root.sh).  Roots run side by side; the majors sharing a
@@ -32,8 +33,11 @@ run_major() {
 		tar -C "$src" --exclude=.git --exclude='*.o' --exclude='*.so' --exclude='*.bc' \
 			--exclude=tmp_check --exclude=tmp_regress --exclude=results --exclude=dist \
 			--exclude=node_modules -cf - . | tar -C "$root$work" -xf -
+		# the test command, then the run command as a new user would try it
 		bash "$src/scripts/pg-root.sh" run "$major" \
-			"cd '$work' && PG_MAJOR=$major bash scripts/test.sh" && rm -rf "${root:?}$work"
+			"set -e; cd '$work'; PG_MAJOR=$major bash scripts/test.sh;
+			 PG_MAJOR=$major bash scripts/demo.sh; PG_MAJOR=$major bash scripts/demo.sh stop" &&
+			rm -rf "${root:?}$work"
 	} >"$log" 2>&1 || status=$?
 	echo "$status $(($(date +%s) - start))" >"$logs/$major.status"
 }
@@ -55,14 +59,11 @@ failed=0
 for major in "${majors[@]}"; do
 	log="$logs/$major.log"
 	read -r status secs <"$logs/$major.status" || { status=1; secs=0; }
-	version="$(sed -n 's/^all tests passed on PostgreSQL //p' "$log" | tail -n 1)"
-	tap="$(sed -n 's/^Files=\([0-9]*\), Tests=\([0-9]*\),.*/\1 TAP files, \2 TAP tests/p' "$log" | tail -n 1)"
-	regress="$(sed -n 's/^[# ]*All \([0-9]*\) tests passed.*/\1 regress tests/p' "$log" | tail -n 1)"
-	if [ "$status" -eq 0 ]; then
-		echo "PostgreSQL $major: passed: ${version:-?}; ${regress:-? regress tests}, ${tap:-? TAP tests}; $((secs / 60)) min $((secs % 60)) s"
+	if [ "$status" -eq 0 ] && summary="$(bash "$src/scripts/suite-summary.sh" "$log")"; then
+		echo "PostgreSQL $major: passed: $summary; $((secs / 60)) min $((secs % 60)) s"
 	else
 		failed=1
-		echo "PostgreSQL $major: FAILED (exit $status) after $((secs / 60)) min $((secs % 60)) s; end of $log:"
+		echo "PostgreSQL $major: FAILED (exit $status): $(bash "$src/scripts/suite-summary.sh" "$log" || true); after $((secs / 60)) min $((secs % 60)) s; end of $log:"
 		tail -n 150 "$log" | sed 's/^/    /'
 	fi
 done

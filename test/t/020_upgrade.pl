@@ -96,6 +96,11 @@ sub detached_dump
 				  FROM pg_depend d, pg_identify_object(d.classid, d.objid, 0) i
 				 WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
 				   AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'stripe_meter')
+				   -- from 17 a relation's row type and its array are members,
+				   -- which leave with the relation and cannot be dropped alone
+				   AND NOT (d.classid = 'pg_type'::regclass AND EXISTS (
+				            SELECT FROM pg_type t LEFT JOIN pg_type elem ON elem.oid = t.typelem
+				             WHERE t.oid = d.objid AND (t.typrelid <> 0 OR elem.typrelid <> 0)))
 			LOOP
 				EXECUTE format('ALTER EXTENSION stripe_meter DROP %s %s', m.type, m.identity);
 			END LOOP;
