@@ -117,19 +117,32 @@ DeliveryStoreExtensionVersion(char *buf, size_t size)
 
 /*
  * DeliveryStoreRepair
- *		At worker start: events a previous worker claimed but never
- *		recorded go back to the queue, their outcome unknown since the
- *		claim, because any of them may have reached Stripe.
+ *		At worker start: events a previous worker claimed (before the time
+ *		given) but never recorded go back to the queue, their outcome
+ *		unknown since the claim, because any of them may have reached
+ *		Stripe.
+ *
+ * A row another transaction has locked is left for a later call, so the
+ * worker never waits for it.  Returns how many such rows are left.
  */
-void
-DeliveryStoreRepair(void)
+int64
+DeliveryStoreRepair(TimestampTz claimed_before)
 {
+	static SPIPlanPtr repair_plan = NULL;
+	static SPIPlanPtr left_plan = NULL;
+	Datum		arg = TimestampTzGetDatum(claimed_before);
+	bool		isnull;
 	int			rc;
 
-	rc = SPI_execute("UPDATE stripe_meter.outbox"
-					 "   SET in_flight_since = NULL,"
-					 "       unknown_outcome_since = COALESCE(unknown_outcome_since, in_flight_since)"
-					 " WHERE in_flight_since IS NOT NULL", false, 0);
+	if (repair_plan == NULL)
+		repair_plan = SpiPrepareSaved("UPDATE stripe_meter.outbox o"
+									  "   SET in_flight_since = NULL,"
+									  "       unknown_outcome_since = COALESCE(o.unknown_outcome_since, o.in_flight_since)"
+									  " WHERE o.id IN (SELECT id FROM stripe_meter.outbox"
+									  "                 WHERE in_flight_since < $1"
+									  "                   FOR UPDATE SKIP LOCKED)",
+									  1, (Oid[]) {TIMESTAMPTZOID});
+	rc = SPI_execute_plan(repair_plan, &arg, NULL, false, 0);
 	if (rc != SPI_OK_UPDATE)
 		elog(ERROR, "could not repair claimed meter events: %s", SPI_result_code_string(rc));
 	if (SPI_processed > 0)
@@ -137,6 +150,15 @@ DeliveryStoreRepair(void)
 				(errmsg("stripe_meter worker found %llu meter events claimed before a restart",
 						(unsigned long long) SPI_processed),
 				 errdetail("They will be sent again with the same idempotency keys.")));
+
+	if (left_plan == NULL)
+		left_plan = SpiPrepareSaved("SELECT pg_catalog.count(*) FROM stripe_meter.outbox"
+									" WHERE in_flight_since < $1",
+									1, (Oid[]) {TIMESTAMPTZOID});
+	rc = SPI_execute_plan(left_plan, &arg, NULL, true, 1);
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not count claimed meter events: %s", SPI_result_code_string(rc));
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 
 static uint64
@@ -190,6 +212,14 @@ DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head, ClaimedEve
 								1, types);
 	}
 
+	/*
+	 * The claim must be on disk before any of its events is sent, whatever
+	 * synchronous_commit the server, the database or the role sets: after a
+	 * crash, only a durable claim tells the repair step that an event may
+	 * have reached Stripe.
+	 */
+	(void) set_config_option("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
 	rc = SPI_execute_plan(claim_plan, &arg, NULL, false, 0);
 	if (rc != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "could not claim meter events: %s", SPI_result_code_string(rc));
@@ -268,16 +298,111 @@ text_or_null(const char *s, bool *isnull)
 	return *isnull ? (Datum) 0 : CStringGetTextDatum(s);
 }
 
+static int
+cmp_int64(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return (x > y) - (x < y);
+}
+
+/*
+ * Lock the outbox rows of the events in the list that no other transaction
+ * holds, and mark the others record_deferred: a session may hold one for as
+ * long as it likes (stripe_meter_event_cancel() locks the row it looks at
+ * until the caller's transaction ends), and the worker must not wait for
+ * it.  A row that no longer exists is not deferred: recording it changes
+ * nothing.  Returns how many were deferred.
+ */
+static int
+lock_rows(ClaimedEvent *list, int n)
+{
+	Datum	   *ids = palloc(sizeof(Datum) * n);
+	int64	   *locked;
+	int64	   *missing = NULL;
+	int			nlocked;
+	int			nmissing = 0;
+	int			ndeferred = 0;
+	int			i = 0;
+	ClaimedEvent *e;
+	Datum		arg;
+	int			rc;
+	static SPIPlanPtr lock_plan = NULL;
+	static SPIPlanPtr exists_plan = NULL;
+
+	for (e = list; e; e = e->next)
+		ids[i++] = Int64GetDatum(e->id);
+	arg = PointerGetDatum(int8_array(ids, n));
+	if (lock_plan == NULL)
+		lock_plan = SpiPrepareSaved("SELECT id FROM stripe_meter.outbox"
+									" WHERE id = ANY ($1::bigint[])"
+									"   FOR UPDATE SKIP LOCKED",
+									1, (Oid[]) {INT8ARRAYOID});
+	rc = SPI_execute_plan(lock_plan, &arg, NULL, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not lock meter events: %s", SPI_result_code_string(rc));
+	nlocked = (int) SPI_processed;
+	if (nlocked == n)
+		return 0;
+
+	locked = palloc(sizeof(int64) * Max(nlocked, 1));
+	for (i = 0; i < nlocked; i++)
+	{
+		bool		isnull;
+
+		locked[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+												SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	qsort(locked, nlocked, sizeof(int64), cmp_int64);
+
+	/* not locked: held by someone, or gone (then nothing is waited for) */
+	if (exists_plan == NULL)
+		exists_plan = SpiPrepareSaved("SELECT r.id FROM pg_catalog.unnest($1::bigint[]) r(id)"
+									  " WHERE NOT EXISTS (SELECT FROM stripe_meter.outbox o"
+									  "                    WHERE o.id = r.id)",
+									  1, (Oid[]) {INT8ARRAYOID});
+	rc = SPI_execute_plan(exists_plan, &arg, NULL, true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not look up meter events: %s", SPI_result_code_string(rc));
+	nmissing = (int) SPI_processed;
+	if (nmissing > 0)
+	{
+		missing = palloc(sizeof(int64) * nmissing);
+		for (i = 0; i < nmissing; i++)
+		{
+			bool		isnull;
+
+			missing[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+													 SPI_tuptable->tupdesc, 1, &isnull));
+		}
+		qsort(missing, nmissing, sizeof(int64), cmp_int64);
+	}
+
+	for (e = list; e; e = e->next)
+	{
+		if (bsearch(&e->id, locked, nlocked, sizeof(int64), cmp_int64) != NULL ||
+			(nmissing > 0 &&
+			 bsearch(&e->id, missing, nmissing, sizeof(int64), cmp_int64) != NULL))
+			continue;
+		e->record_deferred = true;
+		ndeferred++;
+	}
+	return ndeferred;
+}
+
 /*
  * DeliveryStoreRecord
  *		Record the outcome of every event in the list, set-wise: delivered
  *		events move to meter_events with Stripe's object, failed ones to
  *		failed_events with the reason, retried ones go back to the queue
  *		with their next attempt time, released ones as if never claimed.
- *		Returns when the first rescheduled event is due, or 0.
+ *		An event whose row another transaction has locked is left out and
+ *		marked record_deferred; *deferred says how many.  Returns when the
+ *		first rescheduled event is due, or 0.
  */
 TimestampTz
-DeliveryStoreRecord(ClaimedEvent *list)
+DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 {
 	TimestampTz earliest = 0;
 	int			n = 0;
@@ -313,10 +438,15 @@ DeliveryStoreRecord(ClaimedEvent *list)
 	TimestampTz now = GetCurrentTimestamp();
 	int			rc;
 
+	*deferred = 0;
 	for (e = list; e; e = e->next)
+	{
+		e->record_deferred = false;
 		n++;
+	}
 	if (n == 0)
 		return 0;
+	*deferred = lock_rows(list, n);
 
 	d_id = palloc(sizeof(Datum) * n);
 	d_obj = palloc(sizeof(Datum) * n);
@@ -347,6 +477,8 @@ DeliveryStoreRecord(ClaimedEvent *list)
 	{
 		DeliveryOutcome *o = &e->outcome;
 
+		if (e->record_deferred)
+			continue;
 		switch (o->verdict)
 		{
 			case VERDICT_DELIVERED:
@@ -524,22 +656,28 @@ DeliveryStoreRecord(ClaimedEvent *list)
 
 /*
  * DeliveryStorePurgeDelivered
- *		Delete delivered rows older than stripe_meter.delivered_retention, a
- *		bounded number at a time.  Returns how many.
+ *		Delete delivered rows older than stripe_meter.delivered_retention, at
+ *		most PURGE_BATCH at a time, skipping rows another transaction has
+ *		locked.  Returns how many; PURGE_BATCH means there may be more.
  */
 int64
 DeliveryStorePurgeDelivered(void)
 {
-	char	   *sql;
+	static SPIPlanPtr purge_plan = NULL;
+	Datum		args[2];
 	int			rc;
 
 	if (stripe_meter_delivered_retention < 0)
 		return 0;
-	sql = psprintf("DELETE FROM stripe_meter.meter_events WHERE ctid = ANY (ARRAY("
-				   " SELECT ctid FROM stripe_meter.meter_events"
-				   "  WHERE delivered_at < pg_catalog.now() - interval '%d minutes'"
-				   "  LIMIT 10000))", stripe_meter_delivered_retention);
-	rc = SPI_execute(sql, false, 0);
+	if (purge_plan == NULL)
+		purge_plan = SpiPrepareSaved("DELETE FROM stripe_meter.meter_events WHERE ctid = ANY (ARRAY("
+									 " SELECT ctid FROM stripe_meter.meter_events"
+									 "  WHERE delivered_at < pg_catalog.now() - $1 * interval '1 minute'"
+									 "  LIMIT $2 FOR UPDATE SKIP LOCKED))",
+									 2, (Oid[]) {INT4OID, INT4OID});
+	args[0] = Int32GetDatum(stripe_meter_delivered_retention);
+	args[1] = Int32GetDatum(PURGE_BATCH);
+	rc = SPI_execute_plan(purge_plan, args, NULL, false, 0);
 	if (rc != SPI_OK_DELETE)
 		elog(ERROR, "could not purge delivered meter events: %s", SPI_result_code_string(rc));
 	return (int64) SPI_processed;

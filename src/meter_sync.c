@@ -27,6 +27,8 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "nodes/pg_list.h"
+#include "storage/lmgr.h"
+#include "storage/lock.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -159,8 +161,24 @@ fetch_pages(bool raise, char **error)
 }
 
 /*
- * Replace stripe_meter.meters with the meters in pages.  SPI connected.
- * Returns how many meters the table holds.
+ * One sync of a database's meters at a time, until the end of the syncing
+ * transaction.  The lock's tag has a form no SQL function makes (the
+ * advisory lock functions put 1 or 2 in its last field), so only a sync can
+ * hold it, never a session's pg_advisory_lock().  Returns false when it is
+ * held and the caller would not wait.
+ */
+static bool
+lock_meter_sync(bool wait)
+{
+	LOCKTAG		tag;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0x53544d57, 3, 9);
+	return LockAcquire(&tag, ExclusiveLock, false, !wait) != LOCKACQUIRE_NOT_AVAIL;
+}
+
+/*
+ * Replace stripe_meter.meters with the meters in pages.  SPI connected, and
+ * the sync lock held.  Returns how many meters the table holds.
  */
 static int
 apply_pages(List *pages)
@@ -169,9 +187,6 @@ apply_pages(List *pages)
 	Datum		stamp = TimestampTzGetDatum(GetCurrentTimestamp());
 	int			rc;
 
-	rc = SPI_execute("SELECT pg_catalog.pg_advisory_xact_lock(1398033751, 3)", false, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not lock the meters: %s", SPI_result_code_string(rc));
 	foreach(lc, pages)
 	{
 		Datum		args[2] = {CStringGetTextDatum((char *) lfirst(lc)), stamp};
@@ -247,6 +262,7 @@ stripe_meter_sync_meters(PG_FUNCTION_ARGS)
 	int			n;
 
 	SPI_connect();
+	(void) lock_meter_sync(true);
 	n = apply_pages(pages);
 	SPI_finish();
 	PG_RETURN_INT32(n);
@@ -268,6 +284,19 @@ MeterSyncRun(void)
 
 	if (!DeliveryStoreBegin())
 		return -1;
+
+	/*
+	 * A sync that a session runs holds the lock, and the rows it wrote,
+	 * until that session's transaction ends: never wait for it.
+	 */
+	if (!lock_meter_sync(false))
+	{
+		StripeMeterSetLastError(MyDatabaseId,
+								"the scheduled meter sync was skipped: another transaction is syncing meters (stripe_meter_sync_meters() in a transaction still open); it runs again at the next interval");
+		DeliveryStoreCommit();
+		MemoryContextSwitchTo(mine);
+		return -1;
+	}
 	if (error == NULL)
 		n = apply_pages(pages);
 	else

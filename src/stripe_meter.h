@@ -253,6 +253,7 @@ typedef struct ClaimedEvent
 	int			attempts;
 	bool		sent;			/* handed to the network by this worker */
 	bool		v2_solo;		/* v2: send in a request of its own */
+	bool		record_deferred;	/* its row was locked: record later */
 	DeliveryOutcome outcome;
 	struct ClaimedEvent *next;	/* queue links */
 } ClaimedEvent;
@@ -292,10 +293,11 @@ extern bool DeliveryJsonIsStorable(const char *json, size_t len);
 extern bool DeliveryStoreBegin(void);
 extern void DeliveryStoreCommit(void);
 extern bool DeliveryStoreExtensionVersion(char *buf, size_t size);
-extern void DeliveryStoreRepair(void);
+extern int64 DeliveryStoreRepair(TimestampTz claimed_before);
 extern int	DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head,
 							   ClaimedEvent **tail);
-extern TimestampTz DeliveryStoreRecord(ClaimedEvent *done);
+extern TimestampTz DeliveryStoreRecord(ClaimedEvent *done, int *deferred);
+#define PURGE_BATCH 5000		/* delivered rows deleted per purge transaction */
 extern int64 DeliveryStorePurgeDelivered(void);
 extern int	DeliveryBackoffMs(int attempts);
 

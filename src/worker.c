@@ -60,6 +60,8 @@
 #define RECORD_DELAY_MS		20	/* or after this long */
 #define PURGE_INTERVAL_MS	60000
 #define MAX_DEFERRED_PER_PASS 256	/* events passed over for rate-limited accounts */
+#define LOCKED_RETRY_MS		1000	/* retry recording rows another session locks */
+#define WORKER_LOCK_TIMEOUT "50"	/* ms: the longest the worker waits for a lock */
 
 typedef struct EventQueue
 {
@@ -81,6 +83,8 @@ static EventQueue finished;		/* outcome known, to be recorded */
 static HTAB *busy_keys;
 static int	held = 0;			/* claimed and not yet recorded */
 static TimestampTz first_finished_at = 0;
+static int	locked_answers = 0;	/* finished, but their rows are locked */
+static TimestampTz locked_retry_at = 0;
 
 static bool claim_exhausted = false;	/* last claim found fewer than asked */
 static TimestampTz next_poll_at = 0;
@@ -89,6 +93,12 @@ static char pause_reason[WORKER_TEXT_LEN];
 static bool extension_absent = false;	/* exit frees the slot for good */
 static int	api_version;		/* stripe_meter.api_version when we started */
 static bool api_switch_pending = false; /* it changed: drain, then exit */
+static bool ready_now = true;	/* claim at once: woken, or just started */
+static bool lifecycle_woken = true;
+static long lifecycle_wait = 0;
+static TimestampTz repair_before;	/* claims older than this worker */
+static int64 repair_left = 0;	/* of those, locked by another transaction */
+static TimestampTz next_repair_at = 0;
 
 static void
 queue_push(EventQueue *q, ClaimedEvent *e)
@@ -131,7 +141,7 @@ queue_pop(EventQueue *q)
 static void
 finish_event(ClaimedEvent *e)
 {
-	if (finished.n == 0)
+	if (finished.n == locked_answers)
 		first_finished_at = GetCurrentTimestamp();
 	queue_push(&finished, e);
 }
@@ -499,6 +509,7 @@ record_finished(void)
 	ClaimedEvent *e;
 	ClaimedEvent *next;
 	TimestampTz earliest_retry;
+	int			deferred;
 
 	if (finished.n == 0)
 		return;
@@ -509,7 +520,7 @@ record_finished(void)
 		extension_absent = true;
 		proc_exit(0);
 	}
-	earliest_retry = DeliveryStoreRecord(list);
+	earliest_retry = DeliveryStoreRecord(list, &deferred);
 	DeliveryStoreCommit();
 
 	/* look again when the first rescheduled event is due */
@@ -517,11 +528,20 @@ record_finished(void)
 								!claim_exhausted))
 		next_poll_at = earliest_retry;
 
+	finished.head = finished.tail = NULL;
+	finished.n = 0;
+	first_finished_at = 0;
 	for (e = list; e; e = next)
 	{
 		ClaimBatch *batch = e->batch;
 
 		next = e->next;
+		if (e->record_deferred)
+		{
+			/* kept, to be recorded once the other transaction ends */
+			queue_push(&finished, e);
+			continue;
+		}
 		held--;
 		if (--batch->live == 0)
 		{
@@ -529,9 +549,19 @@ record_finished(void)
 			pfree(batch);
 		}
 	}
-	finished.head = finished.tail = NULL;
-	finished.n = 0;
-	first_finished_at = 0;
+	locked_answers = deferred;
+	if (deferred > 0)
+	{
+		char		text[WORKER_TEXT_LEN];
+
+		snprintf(text, sizeof(text),
+				 "%d answers wait to be recorded: another transaction holds their outbox rows (for example stripe_meter_event_cancel() in a transaction still open); they are recorded when it ends",
+				 deferred);
+		StripeMeterSetLastError(MyDatabaseId, text);
+		/* try again in a while, not at every turn of the loop */
+		locked_retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													  LOCKED_RETRY_MS);
+	}
 }
 
 static void
@@ -576,9 +606,15 @@ claim_more(MemoryContext parent)
 	}
 }
 
+/*
+ * Once a minute, or at the next pass while a purge finds a full batch, so
+ * that purging keeps pace with any delivery rate.
+ */
 static void
 purge_if_due(TimestampTz now)
 {
+	int64		purged;
+
 	if (now < next_purge_at)
 		return;
 	next_purge_at = TimestampTzPlusMilliseconds(now, PURGE_INTERVAL_MS);
@@ -587,8 +623,10 @@ purge_if_due(TimestampTz now)
 		extension_absent = true;
 		proc_exit(0);
 	}
-	(void) DeliveryStorePurgeDelivered();
+	purged = DeliveryStorePurgeDelivered();
 	DeliveryStoreCommit();
+	if (purged >= PURGE_BATCH)
+		next_purge_at = now;
 }
 
 /* the slot goes back to the launcher when this process exits */
@@ -631,21 +669,20 @@ worker_exit_callback(int code, Datum arg)
 }
 
 /*
- * Make this process the database's only worker: claim the slot and a
- * session-level advisory lock, so two workers never share a database.
+ * Make this process the database's only worker: take its slot in shared
+ * memory, unless another live worker holds it.  Only the worker processes
+ * write a slot's pid (and clear it on exit), so nothing a session can do in
+ * SQL, such as holding an advisory lock, can keep a worker from starting.
  */
 static bool
 become_the_worker(void)
 {
-	LOCKTAG		tag;
 	DatabaseSlot *slot;
-
-	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0x53544d57, 0, 2);
-	if (LockAcquire(&tag, ExclusiveLock, true, true) == LOCKACQUIRE_NOT_AVAIL)
-		return false;
 
 	LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
 	slot = StripeMeterFindSlot(MyDatabaseId);
+	if (slot != NULL && slot->pid != 0 && slot->pid != MyProcPid)
+		slot = NULL;			/* another worker serves this database */
 	if (slot != NULL)
 	{
 		slot->state = SLOT_RUNNING;
@@ -699,6 +736,178 @@ extension_dropped(void)
 }
 
 /*
+ * One turn of the delivery loop: read a reload, claim, send, record, run
+ * the lifecycle work, then wait for the latch, a socket or a timeout.
+ */
+static void
+delivery_pass(MemoryContext worker_cxt)
+{
+	TimestampTz now;
+	long		timeout;
+	StripeMeterWait wait;
+	long		limiter_wait;
+	bool		latch_set;
+
+	CHECK_FOR_INTERRUPTS();
+	if (ConfigReloadPending)
+	{
+		ConfigReloadPending = false;
+		ProcessConfigFile(PGC_SIGHUP);
+		StripeClientSettingsChanged();
+		/* a reload is how a key or URL problem gets fixed: try again */
+		set_paused(settings_problem());
+		ready_now = true;
+		if (stripe_meter_api_version != api_version && !api_switch_pending)
+		{
+			api_switch_pending = true;
+			ereport(LOG,
+					(errmsg("stripe_meter worker restarts to apply stripe_meter.api_version = %s",
+							stripe_meter_api_version == STRIPE_API_V2 ? "v2" : "v1"),
+					 errdetail("Events already claimed are delivered first.")));
+		}
+	}
+
+	/* a new API: finish what is claimed, then let a new worker start */
+	if (api_switch_pending && held == 0 && StripeClientInFlight() == 0)
+		proc_exit(1);
+
+	now = GetCurrentTimestamp();
+	RateLimiterTick(now);
+
+	/* claims of an earlier worker whose rows were locked at the start */
+	if (repair_left > 0 && now >= next_repair_at)
+	{
+		next_repair_at = TimestampTzPlusMilliseconds(now, LOCKED_RETRY_MS);
+		if (!DeliveryStoreBegin())
+		{
+			extension_absent = true;
+			proc_exit(0);
+		}
+		repair_left = DeliveryStoreRepair(repair_before);
+		DeliveryStoreCommit();
+		if (repair_left > 0)
+		{
+			char		text[WORKER_TEXT_LEN];
+
+			snprintf(text, sizeof(text),
+					 "%lld events claimed before a restart wait to go back to the queue: another transaction holds their outbox rows",
+					 (long long) repair_left);
+			StripeMeterSetLastError(MyDatabaseId, text);
+		}
+	}
+
+	if (pause_reason[0] != '\0')
+		release_unsent();
+	else if (!api_switch_pending &&
+			 (ready_now || !claim_exhausted || now >= next_poll_at))
+	{
+		if (held < hold_limit())
+		{
+			claim_more(worker_cxt);
+			ready_now = false;
+			if (claim_exhausted && (next_poll_at <= now))
+				next_poll_at = TimestampTzPlusMilliseconds(now, stripe_meter_naptime);
+		}
+	}
+
+	limiter_wait = start_requests();
+
+	/* record in batches: after enough, after a moment, or when idle */
+	if (finished.n > locked_answers &&
+		(finished.n >= RECORD_BATCH || StripeClientInFlight() == 0 ||
+		 TimestampDifferenceExceeds(first_finished_at, GetCurrentTimestamp(),
+									RECORD_DELAY_MS)))
+	{
+		record_finished();
+		return;
+	}
+	/* only answers whose rows are locked: now and then */
+	if (locked_answers > 0 && finished.n == locked_answers &&
+		GetCurrentTimestamp() >= locked_retry_at)
+	{
+		record_finished();
+		return;
+	}
+
+	purge_if_due(now);
+	/* lifecycle.c: cancellations, meter sync, error reports */
+	lifecycle_wait = LifecycleWorkerTick(pause_reason[0] != '\0', lifecycle_woken);
+	lifecycle_woken = false;
+	report_activity();
+
+	/* how long to wait: a record, a token, more to claim, or the poll */
+	if (finished.n > locked_answers)
+	{
+		timeout = RECORD_DELAY_MS;
+		wait = SM_WAIT_RECORD;
+	}
+	else if ((ready.n > 0 || V2StreamUnsent() > 0) &&
+			 pause_reason[0] == '\0' && limiter_wait >= 0 &&
+			 StripeClientInFlight() < stripe_meter_max_in_flight)
+	{
+		timeout = limiter_wait;
+		wait = SM_WAIT_RATE_LIMIT;
+	}
+	else if (!claim_exhausted && pause_reason[0] == '\0' &&
+			 held < hold_limit())
+	{
+		timeout = 0;
+		wait = SM_WAIT_CLAIM;
+	}
+	else if (claim_exhausted && pause_reason[0] == '\0')
+	{
+		long		secs;
+		int			usecs;
+
+		TimestampDifference(GetCurrentTimestamp(), next_poll_at, &secs, &usecs);
+		timeout = Min(secs * 1000 + usecs / 1000, (long) stripe_meter_naptime);
+		wait = SM_WAIT_CLAIM;
+	}
+	else
+	{
+		timeout = stripe_meter_naptime;
+		wait = pause_reason[0] != '\0' ? SM_WAIT_PAUSED : SM_WAIT_CLAIM;
+	}
+	if (locked_answers > 0)
+	{
+		long		secs;
+		int			usecs;
+		long		ms;
+
+		TimestampDifference(GetCurrentTimestamp(), locked_retry_at, &secs, &usecs);
+		ms = secs * 1000 + usecs / 1000 + 1;
+		if (timeout < 0 || ms < timeout)
+			timeout = ms;
+	}
+	/* answers awaited say more than an idle poll or a full window */
+	if (StripeClientInFlight() > 0 && wait != SM_WAIT_RECORD)
+		wait = SM_WAIT_STRIPE;
+
+	if (timeout < 0 || lifecycle_wait < timeout)
+		timeout = lifecycle_wait;
+	latch_set = StripeClientWait(timeout, StripeMeterWaitEvent(wait),
+								 request_done);
+	if (latch_set)
+		ready_now = lifecycle_woken = true;
+}
+
+/*
+ * A pass stopped at a lock that another transaction holds: its work is
+ * skipped, and done in a later pass.
+ */
+static void
+skipped_for_lock(ErrorData *edata)
+{
+	char		text[WORKER_TEXT_LEN];
+
+	snprintf(text, sizeof(text),
+			 "skipped for now, waiting for no one: %s (another transaction holds a lock on the extension's tables)",
+			 edata->message ? edata->message : "lock not available");
+	StripeMeterSetLastError(MyDatabaseId, text);
+	ereport(DEBUG1, (errmsg_internal("stripe_meter worker: %s", text)));
+}
+
+/*
  * StripeMeterWorkerMain
  *		Entry point of a database's delivery worker (main_arg: its OID).
  */
@@ -708,9 +917,6 @@ StripeMeterWorkerMain(Datum main_arg)
 	Oid			dboid = DatumGetObjectId(main_arg);
 	MemoryContext worker_cxt;
 	HASHCTL		ctl;
-	volatile bool ready_now;
-	volatile bool lifecycle_woken = true;
-	volatile long lifecycle_wait = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -722,6 +928,8 @@ StripeMeterWorkerMain(Datum main_arg)
 
 	/* every name in our SQL is qualified; leave nothing to a user's schema */
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+	/* never wait long for a lock a session holds (see the loop below) */
+	SetConfigOption("lock_timeout", WORKER_LOCK_TIMEOUT, PGC_SUSET, PGC_S_OVERRIDE);
 
 	worker_cxt = AllocSetContextCreate(TopMemoryContext, "stripe_meter worker",
 									   ALLOCSET_DEFAULT_SIZES);
@@ -754,7 +962,8 @@ StripeMeterWorkerMain(Datum main_arg)
 		extension_absent = true;
 		proc_exit(0);
 	}
-	DeliveryStoreRepair();
+	repair_before = GetCurrentTimestamp();
+	repair_left = DeliveryStoreRepair(repair_before);
 	LifecycleWorkerRepair();	/* lifecycle.c: claimed cancellations */
 	DeliveryStoreCommit();
 
@@ -784,141 +993,41 @@ StripeMeterWorkerMain(Datum main_arg)
 	set_paused(settings_problem());
 
 	/*
-	 * DROP EXTENSION can commit between a transaction's check that the
-	 * extension exists and its first statement, which then fails: stop as
-	 * quietly as when the drop is seen first, rather than exit with an
-	 * error and be restarted.
+	 * An ERROR in a pass ends the worker (the launcher starts another),
+	 * with two exceptions.  DROP EXTENSION can commit between a
+	 * transaction's check that the extension exists and its first
+	 * statement, which then fails: stop as quietly as when the drop is seen
+	 * first.  And a lock another transaction holds (lock_timeout, set
+	 * below) skips that work for this pass, said in status.last_error,
+	 * instead of stalling delivery behind that transaction.
 	 */
-	PG_TRY();
+	ready_now = true;
+	for (;;)
 	{
-		ready_now = true;
-		for (;;)
+		PG_TRY();
 		{
-			TimestampTz now;
-			long		timeout;
-			StripeMeterWait wait;
-			long		limiter_wait;
-			bool		latch_set;
-
-			CHECK_FOR_INTERRUPTS();
-			if (ConfigReloadPending)
-			{
-				ConfigReloadPending = false;
-				ProcessConfigFile(PGC_SIGHUP);
-				StripeClientSettingsChanged();
-				/* a reload is how a key or URL problem gets fixed: try again */
-				set_paused(settings_problem());
-				ready_now = true;
-				if (stripe_meter_api_version != api_version && !api_switch_pending)
-				{
-					api_switch_pending = true;
-					ereport(LOG,
-							(errmsg("stripe_meter worker restarts to apply stripe_meter.api_version = %s",
-									stripe_meter_api_version == STRIPE_API_V2 ? "v2" : "v1"),
-							 errdetail("Events already claimed are delivered first.")));
-				}
-			}
-
-			/* a new API: finish what is claimed, then let a new worker start */
-			if (api_switch_pending && held == 0 && StripeClientInFlight() == 0)
-				proc_exit(1);
-
-			now = GetCurrentTimestamp();
-			RateLimiterTick(now);
-
-			if (pause_reason[0] != '\0')
-				release_unsent();
-			else if (!api_switch_pending &&
-					 (ready_now || !claim_exhausted || now >= next_poll_at))
-			{
-				if (held < hold_limit())
-				{
-					claim_more(worker_cxt);
-					ready_now = false;
-					if (claim_exhausted && (next_poll_at <= now))
-						next_poll_at = TimestampTzPlusMilliseconds(now, stripe_meter_naptime);
-				}
-			}
-
-			limiter_wait = start_requests();
-
-			/* record in batches: after enough, after a moment, or when idle */
-			if (finished.n > 0 &&
-				(finished.n >= RECORD_BATCH || StripeClientInFlight() == 0 ||
-				 TimestampDifferenceExceeds(first_finished_at, GetCurrentTimestamp(),
-											RECORD_DELAY_MS)))
-			{
-				record_finished();
-				continue;
-			}
-
-			purge_if_due(now);
-			/* lifecycle.c: cancellations, meter sync, error reports */
-			lifecycle_wait = LifecycleWorkerTick(pause_reason[0] != '\0', lifecycle_woken);
-			lifecycle_woken = false;
-			report_activity();
-
-			/* how long to wait: a record, a token, more to claim, or the poll */
-			if (finished.n > 0)
-			{
-				timeout = RECORD_DELAY_MS;
-				wait = SM_WAIT_RECORD;
-			}
-			else if ((ready.n > 0 || V2StreamUnsent() > 0) &&
-					 pause_reason[0] == '\0' && limiter_wait >= 0 &&
-					 StripeClientInFlight() < stripe_meter_max_in_flight)
-			{
-				timeout = limiter_wait;
-				wait = SM_WAIT_RATE_LIMIT;
-			}
-			else if (!claim_exhausted && pause_reason[0] == '\0' &&
-					 held < hold_limit())
-			{
-				timeout = 0;
-				wait = SM_WAIT_CLAIM;
-			}
-			else if (claim_exhausted && pause_reason[0] == '\0')
-			{
-				long		secs;
-				int			usecs;
-
-				TimestampDifference(GetCurrentTimestamp(), next_poll_at, &secs, &usecs);
-				timeout = Min(secs * 1000 + usecs / 1000, (long) stripe_meter_naptime);
-				wait = SM_WAIT_CLAIM;
-			}
-			else
-			{
-				timeout = stripe_meter_naptime;
-				wait = pause_reason[0] != '\0' ? SM_WAIT_PAUSED : SM_WAIT_CLAIM;
-			}
-			/* answers awaited say more than an idle poll or a full window */
-			if (StripeClientInFlight() > 0 && wait != SM_WAIT_RECORD)
-				wait = SM_WAIT_STRIPE;
-
-			if (timeout < 0 || lifecycle_wait < timeout)
-				timeout = lifecycle_wait;
-			latch_set = StripeClientWait(timeout, StripeMeterWaitEvent(wait),
-										 request_done);
-			if (latch_set)
-				ready_now = lifecycle_woken = true;
+			delivery_pass(worker_cxt);
 		}
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(worker_cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		if (extension_dropped())
+		PG_CATCH();
 		{
-			ereport(LOG,
-					(errmsg("stripe_meter worker is stopping: the extension was dropped from this database")));
-			extension_absent = true;
-			proc_exit(0);
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(worker_cxt);
+			edata = CopyErrorData();
+			FlushErrorState();
+			AbortCurrentTransaction();
+			if (extension_dropped())
+			{
+				ereport(LOG,
+						(errmsg("stripe_meter worker is stopping: the extension was dropped from this database")));
+				extension_absent = true;
+				proc_exit(0);
+			}
+			if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+				ReThrowError(edata);
+			skipped_for_lock(edata);
+			FreeErrorData(edata);
 		}
-		ReThrowError(edata);
+		PG_END_TRY();
 	}
-	PG_END_TRY();
 }
