@@ -155,6 +155,44 @@ REVOKE ALL ON FUNCTION @extschema@.stripe_meter_reconcile(text, text, timestampt
 COMMENT ON FUNCTION @extschema@.stripe_meter_reconcile(text, text, timestamptz, timestamptz, text, text) IS
 	'Compares delivered events with Stripe''s event summaries for one customer and meter, per window';
 
+-- Stripe Connect accounts whose requests Stripe refused with 401, 403 or 404
+-- (access revoked, say): their events stay queued while every other account,
+-- and the platform itself, keeps delivering.  The worker fills it and tries
+-- each account again every stripe_meter.account_retry_interval;
+-- stripe_meter_resume_account() or a configuration reload resumes them.
+CREATE TABLE stripe_meter.paused_accounts (
+	stripe_account text PRIMARY KEY,
+	reason text NOT NULL,
+	http_status integer,
+	paused_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	next_try_at timestamptz NOT NULL
+);
+COMMENT ON TABLE stripe_meter.paused_accounts IS
+	'Connect accounts whose delivery is paused because Stripe refused their requests (401, 403, 404)';
+
+CREATE FUNCTION @extschema@.stripe_meter_resume_account(stripe_account text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+	WITH resumed AS (
+		DELETE FROM stripe_meter.paused_accounts p
+		 WHERE $1 IS NULL OR p.stripe_account OPERATOR(pg_catalog.=) $1
+		RETURNING p.stripe_account),
+	due AS (
+		UPDATE stripe_meter.outbox o
+		   SET next_attempt_at = pg_catalog.clock_timestamp()
+		  FROM resumed r
+		 WHERE o.stripe_account OPERATOR(pg_catalog.=) r.stripe_account
+		   AND o.in_flight_since IS NULL)
+	SELECT pg_catalog.count(*) FROM resumed
+$$;
+REVOKE ALL ON FUNCTION @extschema@.stripe_meter_resume_account(text) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.stripe_meter_resume_account(text) IS
+	'Resumes delivery for a paused Connect account (all when NULL) at once; returns how many were paused';
+
 CREATE OR REPLACE VIEW stripe_meter.status AS
 SELECT
 	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
@@ -178,7 +216,12 @@ SELECT
 	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
 	  WHERE a.status IN ('awaiting_delivery', 'queued')) AS cancels_pending,
 	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
-	  WHERE a.status OPERATOR(pg_catalog.=) 'failed') AS cancels_failed
+	  WHERE a.status OPERATOR(pg_catalog.=) 'failed') AS cancels_failed,
+	(SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+				'stripe_account', p.stripe_account, 'reason', p.reason,
+				'http_status', p.http_status, 'paused_at', p.paused_at,
+				'next_try_at', p.next_try_at) ORDER BY p.stripe_account)
+	   FROM stripe_meter.paused_accounts p) AS paused_accounts
 FROM stripe_meter.worker_state() w;
 
 -- The outbox trigger reads the tables it checks by direct index lookups now,

@@ -26,7 +26,8 @@ if ! ls /usr/include/postgresql/*/server/postgres.h >/dev/null 2>&1; then
 	need+=("postgresql-server-dev-$PG_MAJOR")
 fi
 command -v curl-config >/dev/null 2>&1 || need+=(libcurl4-openssl-dev)
-command -v gcc >/dev/null 2>&1 && command -v make >/dev/null 2>&1 || need+=(build-essential)
+# dpkg-checkbuilddeps wants the package itself, not only gcc and make
+dpkg -s build-essential >/dev/null 2>&1 || need+=(build-essential)
 if [ ${#need[@]} -gt 0 ]; then
 	SUDO=
 	[ "$(id -u)" -eq 0 ] || SUDO=sudo

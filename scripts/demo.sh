@@ -72,7 +72,11 @@ if [ -n "${STRIPE_API_KEY:-}" ]; then
 else
 	echo "== starting the Stripe-compatible mock server on 127.0.0.1"
 	rm -f "$dir/mock.out"
-	as_user "nohup node '$src/test/mock/stripe-mock.js' --port 0 > '$dir/mock.out' 2> '$dir/mock.log' & echo \$! > '$dir/mock.pid'"
+	# a copy the unprivileged user can read, wherever the checkout is
+	rm -rf "$dir/mock"
+	cp -R "$src/test/mock" "$dir/mock"
+	chown -R "$user" "$dir/mock"
+	as_user "nohup node '$dir/mock/stripe-mock.js' --port 0 > '$dir/mock.out' 2> '$dir/mock.log' & echo \$! > '$dir/mock.pid'"
 	for _ in $(seq 1 100); do
 		grep -q listening "$dir/mock.out" 2>/dev/null && break
 		sleep 0.1

@@ -12,8 +12,10 @@ regress="$(sed -n 's/^[# ]*All \([0-9]*\) tests passed.*/\1 regress tests/p' "$l
 tap="$(sed -n 's/^Files=\([0-9]*\), Tests=\([0-9]*\),.*/\1 TAP files, \2 TAP tests/p' "$log" | tail -n 1)"
 line="${version:-?}; ${regress:-no regress tests}, ${tap:-no TAP tests}"
 if grep -q '^Delivered events, with the billing.meter_event Stripe returned:' "$log"; then
-	# psql's table of delivered events: one row per event, outcome in column 2
-	delivered="$(grep -cE '^ [^|]+\| delivered +\|' "$log" || true)"
+	# psql's table of delivered events ends with "(N rows)"
+	delivered="$(awk '/^Delivered events, with the billing.meter_event/ { on = 1 }
+		on && /^\([0-9]+ rows?\)$/ { gsub(/[^0-9]/, ""); print; exit }' "$log")"
+	delivered="${delivered:-0}"
 	echo "$line; demo delivered $delivered sample events"
 	[ "$delivered" -ge 4 ]
 else

@@ -434,7 +434,9 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 			   *r_unknown;
 	bool	   *r_statusn,
 			   *r_reasonn;
-	Datum	   *l_id;
+	Datum	   *l_id,
+			   *l_next;
+	bool	   *l_nextn;
 	TimestampTz now = GetCurrentTimestamp();
 	int			rc;
 
@@ -472,6 +474,8 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 	r_statusn = palloc(sizeof(bool) * n);
 	r_reasonn = palloc(sizeof(bool) * n);
 	l_id = palloc(sizeof(Datum) * n);
+	l_next = palloc(sizeof(Datum) * n);
+	l_nextn = palloc(sizeof(bool) * n);
 
 	for (e = list; e; e = e->next)
 	{
@@ -501,7 +505,8 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 			case VERDICT_RETRY:
 			case VERDICT_PAUSE:
 				{
-					TimestampTz next_at = o->verdict == VERDICT_PAUSE ? now :
+					TimestampTz next_at = o->not_before != 0 ? o->not_before :
+					o->verdict == VERDICT_PAUSE ? now :
 					TimestampTzPlusMilliseconds(now, DeliveryBackoffMs(e->attempts));
 
 					if (earliest == 0 || next_at < earliest)
@@ -517,6 +522,8 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 				break;
 			case VERDICT_RELEASE:
 				l_id[nl] = Int64GetDatum(e->id);
+				l_next[nl] = TimestampTzGetDatum(o->not_before);
+				l_nextn[nl] = (o->not_before == 0);
 				nl++;
 				break;
 		}
@@ -629,24 +636,30 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 
 	if (nl > 0)
 	{
-		Datum		args[1];
+		Datum		args[2];
 
 		if (release_plan == NULL)
 		{
-			Oid			types[1] = {INT8ARRAYOID};
+			Oid			types[2] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID};
 
-			/* never sent: undo the claim's attempt count */
+			/*
+			 * never sent: undo the claim's attempt count; due again as
+			 * before, or later when its account is paused
+			 */
 			release_plan = SpiPrepareSaved(
 									  "UPDATE stripe_meter.outbox o"
 									  "   SET in_flight_since = NULL,"
 									  "       attempts = o.attempts - 1,"
 									  "       first_attempt_at = CASE WHEN o.attempts = 1 THEN NULL"
-									  "                          ELSE o.first_attempt_at END"
-									  "  FROM ROWS FROM (pg_catalog.unnest($1::bigint[])) AS r(id)"
+									  "                          ELSE o.first_attempt_at END,"
+									  "       next_attempt_at = COALESCE(r.next_at, o.next_attempt_at)"
+									  "  FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::timestamptz[]))"
+									  "       AS r(id, next_at)"
 									  " WHERE o.id = r.id",
-									  1, types);
+									  2, types);
 		}
 		args[0] = PointerGetDatum(int8_array(l_id, nl));
+		args[1] = PointerGetDatum(simple_array(l_next, l_nextn, nl, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 		rc = SPI_execute_plan(release_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_UPDATE)
 			elog(ERROR, "could not release meter events: %s", SPI_result_code_string(rc));
@@ -703,4 +716,96 @@ DeliveryBackoffMs(int attempts)
 	if (delay < stripe_meter_retry_min_delay)
 		delay = stripe_meter_retry_min_delay;
 	return (int) delay;
+}
+
+/*
+ * DeliveryStorePauseAccount
+ *		Record that Stripe refused requests for a Connect account, and move
+ *		its queued events to the time it is tried again, so that claims
+ *		pass over none of them meanwhile.
+ */
+void
+DeliveryStorePauseAccount(const char *account, const char *reason, long http_status,
+						  TimestampTz next_try_at)
+{
+	static SPIPlanPtr pause_plan = NULL;
+	Datum		args[4];
+	char		nulls[4] = {' ', ' ', ' ', ' '};
+	int			rc;
+
+	if (pause_plan == NULL)
+		pause_plan = SpiPrepareSaved("WITH p AS ("
+									 " INSERT INTO stripe_meter.paused_accounts AS p"
+									 "   (stripe_account, reason, http_status, next_try_at)"
+									 " VALUES ($1, $2, $3, $4)"
+									 " ON CONFLICT (stripe_account) DO UPDATE"
+									 "   SET reason = EXCLUDED.reason, http_status = EXCLUDED.http_status,"
+									 "       next_try_at = EXCLUDED.next_try_at)"
+									 " UPDATE stripe_meter.outbox o SET next_attempt_at = $4"
+									 "  WHERE o.id IN (SELECT id FROM stripe_meter.outbox"
+									 "                  WHERE stripe_account = $1 AND in_flight_since IS NULL"
+									 "                    AND next_attempt_at < $4"
+									 "                    FOR UPDATE SKIP LOCKED)",
+									 4, (Oid[]) {TEXTOID, TEXTOID, INT4OID, TIMESTAMPTZOID});
+	args[0] = CStringGetTextDatum(account);
+	args[1] = CStringGetTextDatum(reason ? reason : "refused");
+	args[2] = Int32GetDatum((int32) http_status);
+	nulls[2] = http_status == 0 ? 'n' : ' ';
+	args[3] = TimestampTzGetDatum(next_try_at);
+	rc = SPI_execute_plan(pause_plan, args, nulls, false, 0);
+	if (rc != SPI_OK_UPDATE)
+		elog(ERROR, "could not pause a Stripe account: %s", SPI_result_code_string(rc));
+}
+
+/*
+ * DeliveryStoreResumeAccount
+ *		An account (every account when NULL) is delivered again: forget its
+ *		pause, and make its queued events due now.
+ */
+void
+DeliveryStoreResumeAccount(const char *account)
+{
+	static SPIPlanPtr resume_plan = NULL;
+	Datum		arg;
+	char		null;
+	int			rc;
+
+	if (resume_plan == NULL)
+		resume_plan = SpiPrepareSaved("WITH r AS ("
+									  " DELETE FROM stripe_meter.paused_accounts p"
+									  "  WHERE $1::text IS NULL OR p.stripe_account = $1"
+									  "  RETURNING p.stripe_account)"
+									  " UPDATE stripe_meter.outbox o SET next_attempt_at = pg_catalog.clock_timestamp()"
+									  "   FROM r WHERE o.stripe_account = r.stripe_account"
+									  "    AND o.in_flight_since IS NULL",
+									  1, (Oid[]) {TEXTOID});
+	arg = account ? CStringGetTextDatum(account) : (Datum) 0;
+	null = account ? ' ' : 'n';
+	rc = SPI_execute_plan(resume_plan, &arg, &null, false, 0);
+	if (rc != SPI_OK_UPDATE)
+		elog(ERROR, "could not resume a Stripe account: %s", SPI_result_code_string(rc));
+}
+
+/*
+ * DeliveryStoreLoadPausedAccounts
+ *		Call found(account, next_try_at) for every paused account.
+ */
+void
+DeliveryStoreLoadPausedAccounts(void (*found) (const char *account, TimestampTz next_try_at))
+{
+	int			rc;
+	uint64		i;
+
+	rc = SPI_execute("SELECT stripe_account, next_try_at FROM stripe_meter.paused_accounts",
+					 true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not read the paused Stripe accounts: %s", SPI_result_code_string(rc));
+	for (i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+		char	   *account = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		Datum		next = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
+
+		found(account, DatumGetTimestampTz(next));
+	}
 }

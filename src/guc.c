@@ -42,6 +42,7 @@ int			stripe_meter_rate_limit = -1;
 int			stripe_meter_claim_batch_size = 1000;
 int			stripe_meter_naptime = 5000;
 int			stripe_meter_resend_window = 23 * 3600;
+int			stripe_meter_account_retry_interval = 600;
 int			stripe_meter_delivered_retention = 7 * 24 * 60;
 int			stripe_meter_max_databases = 16;
 int			stripe_meter_launcher_naptime = 10000;
@@ -345,6 +346,12 @@ StripeMeterDefineSettings(void)
 							"Sets how long after its first attempt an event may still be resent.",
 							"Stripe keeps idempotency keys for at least 24 hours; past this window a resend could bill twice, so the event fails instead.",
 							&stripe_meter_resend_window, 23 * 3600, 1, 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("stripe_meter.account_retry_interval",
+							"Sets how often a paused Connect account is tried again.",
+							"Stripe refused a request for the account with 401, 403 or 404; access may be granted again.",
+							&stripe_meter_account_retry_interval, 600, 1, 7 * 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("stripe_meter.delivered_retention",

@@ -67,6 +67,7 @@ extern int	stripe_meter_rate_limit;
 extern int	stripe_meter_claim_batch_size;
 extern int	stripe_meter_naptime;
 extern int	stripe_meter_resend_window;
+extern int	stripe_meter_account_retry_interval;
 extern int	stripe_meter_delivered_retention;
 extern int	stripe_meter_max_databases;
 extern int	stripe_meter_launcher_naptime;
@@ -227,6 +228,8 @@ typedef struct DeliveryOutcome
 	char	   *reason;			/* for people: why it failed or is retried */
 	char	   *response_json;	/* valid JSON body, or NULL */
 	char		request_id[64];
+	TimestampTz not_before;		/* retry or release: not before this (0:
+								 * the usual) */
 } DeliveryOutcome;
 
 /* The events of one claim share a memory context, freed with the last. */
@@ -299,6 +302,11 @@ extern int	DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head,
 extern TimestampTz DeliveryStoreRecord(ClaimedEvent *done, int *deferred);
 #define PURGE_BATCH 5000		/* delivered rows deleted per purge transaction */
 extern int64 DeliveryStorePurgeDelivered(void);
+extern void DeliveryStorePauseAccount(const char *account, const char *reason,
+									  long http_status, TimestampTz next_try_at);
+extern void DeliveryStoreResumeAccount(const char *account);
+extern void DeliveryStoreLoadPausedAccounts(void (*found) (const char *account,
+														   TimestampTz next_try_at));
 extern int	DeliveryBackoffMs(int attempts);
 
 /* ---- in stripe_client.c (libcurl only) ---- */
@@ -399,6 +407,7 @@ extern bool V2StreamAdd(ClaimedEvent *e);
 extern long V2StreamFlush(void);
 extern int	V2StreamUnsent(void);
 extern void V2StreamReleaseUnsent(void);
+extern void V2StreamReleaseAccount(const char *account, TimestampTz not_before);
 
 /* ---- in stripe_sync.c (one synchronous request; outside the delivery loop) ---- */
 extern const char *StripeSyncKeyProblem(void);

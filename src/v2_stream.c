@@ -365,6 +365,41 @@ V2StreamUnsent(void)
 	return unsent;
 }
 
+/* an account's events not yet sent go back; returns how many */
+static int
+release_account(V2Account *a, TimestampTz not_before)
+{
+	int			n = 0;
+	int			i;
+
+	while (a->solo_head != NULL)
+	{
+		ClaimedEvent *e = a->solo_head;
+
+		a->solo_head = e->next;
+		e->outcome.verdict = VERDICT_RELEASE;
+		e->outcome.not_before = not_before;
+		hooks->event_done(e);
+		n++;
+	}
+	a->solo_tail = NULL;
+	if (a->open != NULL)
+	{
+		V2Batch    *b = a->open;
+
+		a->open = NULL;
+		for (i = 0; i < b->n; i++)
+		{
+			b->events[i]->outcome.verdict = VERDICT_RELEASE;
+			b->events[i]->outcome.not_before = not_before;
+			hooks->event_done(b->events[i]);
+			n++;
+		}
+		free_batch(b);
+	}
+	return n;
+}
+
 /*
  * V2StreamReleaseUnsent
  *		Delivery paused: every event handed over and not yet sent goes back
@@ -375,34 +410,31 @@ V2StreamReleaseUnsent(void)
 {
 	HASH_SEQ_STATUS seq;
 	V2Account  *a;
-	int			i;
 
 	if (unsent == 0)
 		return;
 	hash_seq_init(&seq, accounts);
 	while ((a = hash_seq_search(&seq)) != NULL)
-	{
-		while (a->solo_head != NULL)
-		{
-			ClaimedEvent *e = a->solo_head;
-
-			a->solo_head = e->next;
-			e->outcome.verdict = VERDICT_RELEASE;
-			hooks->event_done(e);
-		}
-		a->solo_tail = NULL;
-		if (a->open != NULL)
-		{
-			V2Batch    *b = a->open;
-
-			a->open = NULL;
-			for (i = 0; i < b->n; i++)
-			{
-				b->events[i]->outcome.verdict = VERDICT_RELEASE;
-				hooks->event_done(b->events[i]);
-			}
-			free_batch(b);
-		}
-	}
+		release_account(a, 0);
 	unsent = 0;
+}
+
+/*
+ * V2StreamReleaseAccount
+ *		A Connect account is paused: its events handed over and not yet sent
+ *		go back to the worker, never sent, due again at not_before.
+ */
+void
+V2StreamReleaseAccount(const char *account, TimestampTz not_before)
+{
+	char		key[ACCOUNT_KEY_LEN];
+	V2Account  *a;
+
+	if (accounts == NULL || account == NULL || strlen(account) >= ACCOUNT_KEY_LEN)
+		return;
+	memset(key, 0, sizeof(key));
+	strlcpy(key, account, sizeof(key));
+	a = hash_search(accounts, key, HASH_FIND, NULL);
+	if (a != NULL)
+		unsent -= release_account(a, not_before);
 }

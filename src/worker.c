@@ -78,6 +78,23 @@ typedef struct BusyKey
 	EventQueue	waiting;
 } BusyKey;
 
+/*
+ * A Connect account Stripe refused (401, 403, 404): its events wait until
+ * next_try_at, when one of them goes out to see whether access is back.
+ * stripe_meter.paused_accounts holds the same, for status and for a worker
+ * that starts later; the table wins (stripe_meter_resume_account()).
+ */
+#define PAUSED_ACCOUNT_LEN	256
+typedef struct PausedAccount
+{
+	char		account[PAUSED_ACCOUNT_LEN];	/* hash key */
+	TimestampTz next_try_at;
+	bool		probing;		/* an event is out to try it again */
+	bool		seen;			/* still in the table at the last load */
+} PausedAccount;
+
+static HTAB *paused_accounts;
+
 static EventQueue ready;		/* claimed, may be sent */
 static EventQueue finished;		/* outcome known, to be recorded */
 static HTAB *busy_keys;
@@ -237,6 +254,136 @@ wait_for_schema_update(void)
 						STRIPE_METER_VERSION)));
 }
 
+static PausedAccount *
+account_paused(const char *account)
+{
+	char		key[PAUSED_ACCOUNT_LEN];
+
+	if (account == NULL || hash_get_num_entries(paused_accounts) == 0 ||
+		strlen(account) >= PAUSED_ACCOUNT_LEN)
+		return NULL;
+	memset(key, 0, sizeof(key));
+	strlcpy(key, account, sizeof(key));
+	return hash_search(paused_accounts, key, HASH_FIND, NULL);
+}
+
+static PausedAccount *
+remember_paused(const char *account, TimestampTz next_try_at, bool *found)
+{
+	char		key[PAUSED_ACCOUNT_LEN];
+	PausedAccount *pa;
+
+	memset(key, 0, sizeof(key));
+	strlcpy(key, account, sizeof(key));
+	pa = hash_search(paused_accounts, key, HASH_ENTER, found);
+	if (!*found)
+		pa->probing = false;
+	pa->next_try_at = next_try_at;
+	pa->seen = true;
+	return pa;
+}
+
+static void
+paused_account_loaded(const char *account, TimestampTz next_try_at)
+{
+	bool		found;
+
+	if (strlen(account) < PAUSED_ACCOUNT_LEN)
+		(void) remember_paused(account, next_try_at, &found);
+}
+
+/* the table is what counts: an operator may have resumed accounts */
+static void
+load_paused_accounts(void)
+{
+	HASH_SEQ_STATUS seq;
+	PausedAccount *pa;
+
+	hash_seq_init(&seq, paused_accounts);
+	while ((pa = hash_seq_search(&seq)) != NULL)
+		pa->seen = false;
+	DeliveryStoreLoadPausedAccounts(paused_account_loaded);
+	hash_seq_init(&seq, paused_accounts);
+	while ((pa = hash_seq_search(&seq)) != NULL)
+		if (!pa->seen)
+			hash_search(paused_accounts, pa->account, HASH_REMOVE, NULL);
+}
+
+/*
+ * Stripe refused a request for this Connect account: pause the account
+ * alone, its events kept.  Returns when it is tried again.
+ */
+static TimestampTz
+pause_account(const char *account, const DeliveryOutcome *o)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz next_try_at = TimestampTzPlusMilliseconds(now,
+														  stripe_meter_account_retry_interval * 1000L);
+	PausedAccount *pa = account_paused(account);
+	bool		found;
+
+	/* the other answers of the same refusal: once is enough */
+	if (pa != NULL && !pa->probing &&
+		pa->next_try_at > TimestampTzPlusMilliseconds(now, stripe_meter_account_retry_interval * 500L))
+		return pa->next_try_at;
+	pa = remember_paused(account, next_try_at, &found);
+	pa->probing = false;
+	if (!DeliveryStoreBegin())
+	{
+		extension_absent = true;
+		proc_exit(0);
+	}
+	DeliveryStorePauseAccount(account, o->reason, o->http_status, next_try_at);
+	DeliveryStoreCommit();
+	if (!found)
+		ereport(LOG,
+				(errmsg("stripe_meter worker paused delivery for Stripe account %s: %s",
+						account, o->reason ? o->reason : "refused"),
+				 errhint("Its events stay queued, and every other account is delivered.  It is tried again every stripe_meter.account_retry_interval, or at once after stripe_meter_resume_account() or a configuration reload.")));
+	if (api_version == STRIPE_API_V2)
+		V2StreamReleaseAccount(account, next_try_at);
+	return next_try_at;
+}
+
+/* Stripe answered for a paused account again: deliver its events */
+static void
+resume_account(PausedAccount *pa)
+{
+	char		account[PAUSED_ACCOUNT_LEN];
+
+	strlcpy(account, pa->account, sizeof(account));
+	hash_search(paused_accounts, account, HASH_REMOVE, NULL);
+	if (!DeliveryStoreBegin())
+	{
+		extension_absent = true;
+		proc_exit(0);
+	}
+	DeliveryStoreResumeAccount(account);
+	DeliveryStoreCommit();
+	ereport(LOG,
+			(errmsg("stripe_meter worker resumed delivery for Stripe account %s", account)));
+	ready_now = true;
+}
+
+/* a reload resumes every paused account */
+static void
+resume_all_accounts(void)
+{
+	HASH_SEQ_STATUS seq;
+	PausedAccount *pa;
+
+	hash_seq_init(&seq, paused_accounts);
+	while ((pa = hash_seq_search(&seq)) != NULL)
+		hash_search(paused_accounts, pa->account, HASH_REMOVE, NULL);
+	if (!DeliveryStoreBegin())
+	{
+		extension_absent = true;
+		proc_exit(0);
+	}
+	DeliveryStoreResumeAccount(NULL);
+	DeliveryStoreCommit();
+}
+
 /* the in-flight event for this key finished: let the next one go */
 static void
 release_busy_key(uint64 key)
@@ -266,7 +413,24 @@ settle_event(ClaimedEvent *e)
 
 	RateLimiterAnswer(e->stripe_account, e->outcome.rate_limited);
 	if (e->outcome.verdict == VERDICT_PAUSE)
-		set_paused(e->outcome.reason);
+	{
+		/* refused for one Connect account: that account alone waits */
+		if (e->stripe_account != NULL && strlen(e->stripe_account) < PAUSED_ACCOUNT_LEN)
+			e->outcome.not_before = pause_account(e->stripe_account, &e->outcome);
+		else
+			set_paused(e->outcome.reason);
+	}
+	else if (e->outcome.verdict != VERDICT_RELEASE && e->sent)
+	{
+		PausedAccount *pa = account_paused(e->stripe_account);
+
+		/* an answer that got past Stripe's access check: access is back */
+		if (pa != NULL && (e->outcome.verdict == VERDICT_DELIVERED ||
+						   e->outcome.verdict == VERDICT_FAIL))
+			resume_account(pa);
+		else if (pa != NULL)
+			pa->probing = false;
+	}
 	if (e->outcome.verdict == VERDICT_FAIL || e->outcome.verdict == VERDICT_RETRY)
 	{
 		StripeMeterSetLastError(MyDatabaseId, e->outcome.reason);
@@ -329,7 +493,10 @@ static void
 session_trouble(const char *account, const DeliveryOutcome *outcome)
 {
 	RateLimiterAnswer(account, outcome->rate_limited);
-	if (outcome->verdict == VERDICT_PAUSE)
+	if (outcome->verdict == VERDICT_PAUSE && account != NULL &&
+		strlen(account) < PAUSED_ACCOUNT_LEN)
+		(void) pause_account(account, outcome);
+	else if (outcome->verdict == VERDICT_PAUSE)
 		set_paused(outcome->reason);
 	else
 		StripeMeterSetLastError(MyDatabaseId, outcome->reason);
@@ -400,6 +567,23 @@ start_requests(void)
 
 		if (fail_if_unsendable(queue_pop(&ready), now))
 			continue;
+
+		if (e->stripe_account != NULL)
+		{
+			PausedAccount *pa = account_paused(e->stripe_account);
+
+			if (pa != NULL && (now < pa->next_try_at || pa->probing))
+			{
+				/* back to the queue until its account is tried again */
+				e->outcome.verdict = VERDICT_RELEASE;
+				e->outcome.not_before = Max(pa->next_try_at,
+											TimestampTzPlusMilliseconds(now, stripe_meter_naptime));
+				finish_event(e);
+				continue;
+			}
+			if (pa != NULL)
+				pa->probing = true; /* this one finds out whether access is back */
+		}
 
 		bk = hash_search(busy_keys, &e->busy_key, HASH_ENTER, &found);
 		if (!found)
@@ -589,6 +773,7 @@ claim_more(MemoryContext parent)
 		extension_absent = true;
 		proc_exit(0);
 	}
+	load_paused_accounts();
 	got = DeliveryStoreClaim(want, batch, &head, &tail);
 	DeliveryStoreCommit();
 
@@ -756,6 +941,8 @@ delivery_pass(MemoryContext worker_cxt)
 		StripeClientSettingsChanged();
 		/* a reload is how a key or URL problem gets fixed: try again */
 		set_paused(settings_problem());
+		if (hash_get_num_entries(paused_accounts) > 0)
+			resume_all_accounts();
 		ready_now = true;
 		if (stripe_meter_api_version != api_version && !api_switch_pending)
 		{
@@ -981,6 +1168,12 @@ StripeMeterWorkerMain(Datum main_arg)
 	ctl.hcxt = worker_cxt;
 	busy_keys = hash_create("stripe_meter busy customers", 1024, &ctl,
 							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = PAUSED_ACCOUNT_LEN;
+	ctl.entrysize = sizeof(PausedAccount);
+	ctl.hcxt = worker_cxt;
+	paused_accounts = hash_create("stripe_meter paused accounts", 16, &ctl,
+								  HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 	RateLimiterInit(worker_cxt);
 
 	if (api_version == STRIPE_API_V2)

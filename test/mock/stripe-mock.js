@@ -46,6 +46,8 @@ function defaultConfig() {
     timeout_hold_ms: 120000,
     auth_phase: null,
     revoked_keys: [],
+    // Connect accounts that revoked the platform's access: 403 account_invalid
+    revoked_accounts: [],
     forbidden_keys: [],
     key_accounts: {},
     rate_limit_per_s: null,
@@ -303,6 +305,7 @@ function deriveConfig(cfg) {
   }
   return {
     revoked: new Set(cfg.revoked_keys),
+    revokedAccounts: new Set(cfg.revoked_accounts),
     forbidden: new Set(cfg.forbidden_keys),
     faults,
   };
@@ -392,7 +395,7 @@ const CONFIG_TYPES = {
   latency_ms: 'nonneg', latency_jitter_ms: 'nonneg', slow_ms: 'nonneg',
   huge_bytes: 'nonneg', huge_status: 'status', trickle_interval_ms: 'nonneg',
   timeout_hold_ms: 'nonneg', faults: 'faults', auth_phase: 'auth_phase',
-  revoked_keys: 'strarray', forbidden_keys: 'strarray', key_accounts: 'accounts',
+  revoked_keys: 'strarray', revoked_accounts: 'strarray', forbidden_keys: 'strarray', key_accounts: 'accounts',
   rate_limit_per_s: 'nullpos', meters: 'meters', strict_meters: 'bool',
   any_customer: 'bool', idempotency_ttl_s: 'nonneg', identifier_ttl_s: 'nonneg',
   timestamp_past_s: 'nonneg', timestamp_future_s: 'nonneg',
@@ -674,7 +677,7 @@ function handleStripe(ctx) {
   if (streamed) {
     // the session is bound to its account
   } else if (sa !== undefined) {
-    if (!ACCOUNT_RE.test(sa)) {
+    if (!ACCOUNT_RE.test(sa) || derived.revokedAccounts.has(sa)) {
       st.stats.auth_errors++;
       return reply(ctx, 403, stripeError('invalid_request_error',
         "The provided key '" + maskKey(ctx.apiKey) + "' does not have access to account '" + sa +

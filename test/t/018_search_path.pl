@@ -24,7 +24,8 @@ my $mock = start_mock();
 my $node = new_node('search_path', mock => $mock, conf => { 'stripe_meter.enabled' => 'off' });
 
 my @exercised = qw(stripe_meter_event_cancel stripe_meter_event_create
-  stripe_meter_event_trigger stripe_meter_reconcile stripe_meter_retry_failed stripe_meter_sync_meters);
+  stripe_meter_event_trigger stripe_meter_reconcile stripe_meter_resume_account
+  stripe_meter_retry_failed stripe_meter_sync_meters);
 is($node->safe_psql('postgres', q{
 	SELECT string_agg(p.proname, ' ' ORDER BY p.proname)
 	  FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid
@@ -42,6 +43,9 @@ $node->safe_psql('postgres', q{
 	GRANT EXECUTE ON FUNCTION stripe_meter_event_cancel(text, text) TO app;
 	GRANT EXECUTE ON FUNCTION stripe_meter_sync_meters() TO app;
 	GRANT EXECUTE ON FUNCTION stripe_meter_reconcile(text, text, timestamptz, timestamptz, text, text) TO app;
+	GRANT EXECUTE ON FUNCTION stripe_meter_resume_account(text) TO app;
+	INSERT INTO stripe_meter.paused_accounts (stripe_account, reason, next_try_at)
+	VALUES ('acct_1Evil', 'refused', now() + interval '1 hour');
 	CREATE SCHEMA evil AUTHORIZATION app;
 	INSERT INTO stripe_meter.meters VALUES ('storage', 'customer', 'gb');
 	INSERT INTO stripe_meter.meter_events
@@ -143,6 +147,8 @@ SELECT * FROM public.stripe_meter_reconcile('api_requests', 'cus_H',
 	pg_catalog.date_trunc('hour', pg_catalog.now()) OPERATOR(pg_catalog.-) '1 hour'::pg_catalog.interval,
 	pg_catalog.date_trunc('hour', pg_catalog.now()));
 SELECT 'synced: ' OPERATOR(pg_catalog.||) public.stripe_meter_sync_meters();
+SELECT 'resumed: ' OPERATOR(pg_catalog.||) public.stripe_meter_resume_account('acct_1Evil');
+SELECT 'resumed all: ' OPERATOR(pg_catalog.||) public.stripe_meter_resume_account();
 SELECT 'temp rows: ' OPERATOR(pg_catalog.||) ((SELECT pg_catalog.count(*) FROM pg_temp.outbox)
 	OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_temp.meter_events)
 	OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_temp.failed_events))::pg_catalog.text;
@@ -165,6 +171,8 @@ like($out, qr/^cancel queued: removed$/m, 'cancelling a queued event removes it'
 like($out, qr/^cancel delivered: queued$/m, 'cancelling a delivered event queues its adjustment');
 like($err, qr/42704: .*api_requests/, 'reconcile looked for the meter (Stripe has none)');
 like($out, qr/^synced: 0$/m, 'the meter sync ran (Stripe has no meters)');
+like($out, qr/^resumed: 1$/m, 'the paused account was resumed');
+like($out, qr/^resumed all: 0$/m, 'and no other was paused');
 like($out, qr/^temp rows: 0$/m, "nothing went into the attacker's temporary tables");
 
 is($node->safe_psql('postgres', 'SELECT is_called FROM evil.hits'), 'f',
