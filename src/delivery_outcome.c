@@ -13,6 +13,7 @@
  *	- Stripe-Should-Retry: true retries, false forbids a retry
  *	- 200 with a billing.meter_event: delivered (replayed when Stripe says so)
  *	- 400 "An event already exists with identifier": delivered before
+ *	- 409 and 5xx replayed for the key: fail, billing state unknown
  *	- 409 and 5xx: retry (outcome unknown)
  *	- any other 4xx: fail for good, keeping Stripe's error
  *
@@ -246,6 +247,20 @@ DeliveryClassify(const HttpResult *http, const char *identifier,
 		outcome->verdict = VERDICT_DELIVERED;
 		outcome->delivery = "already_existed";
 		outcome->response_json = NULL;	/* no object came back */
+		return;
+	}
+
+	/*
+	 * A replayed 5xx or 409: Stripe stored that answer for this key once the
+	 * request began to execute, so every resend gets it again until the key
+	 * expires, and whether the event was billed cannot be told from here.
+	 */
+	if (http->replayed && (http->status == 409 || http->status >= 500))
+	{
+		outcome->verdict = VERDICT_FAIL;
+		outcome->outcome_unknown = true;
+		outcome->reason = psprintf("billing state unknown: Stripe replays the HTTP %ld it stored for this idempotency key, so no resend can succeed before the key expires, and the event may or may not have been billed: %s",
+								   http->status, message ? message : body_excerpt(http));
 		return;
 	}
 
