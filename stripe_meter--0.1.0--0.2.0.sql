@@ -227,3 +227,9 @@ FROM stripe_meter.worker_state() w;
 -- The outbox trigger reads the tables it checks by direct index lookups now,
 -- which need neither the owner's privileges nor a search_path.
 ALTER FUNCTION stripe_meter.outbox_before_insert() SECURITY INVOKER RESET search_path;
+
+-- The due index leaves out claimed rows, so a claim never walks past the
+-- events in flight.
+DROP INDEX stripe_meter.outbox_due_idx;
+CREATE INDEX outbox_due_idx ON stripe_meter.outbox (next_attempt_at)
+	WHERE in_flight_since IS NULL;

@@ -52,7 +52,10 @@ CREATE TABLE stripe_meter.outbox (
 	CONSTRAINT outbox_identifier_key UNIQUE (identifier)
 ) WITH (fillfactor = 80);
 -- The worker claims the events that are due, in the order they fell due.
-CREATE INDEX outbox_due_idx ON stripe_meter.outbox (next_attempt_at);
+-- Claimed rows are left out, so a claim never walks past the events in
+-- flight.
+CREATE INDEX outbox_due_idx ON stripe_meter.outbox (next_attempt_at)
+	WHERE in_flight_since IS NULL;
 COMMENT ON TABLE stripe_meter.outbox IS
 	'Meter events waiting to be delivered to Stripe';
 COMMENT ON COLUMN stripe_meter.outbox.identifier IS

@@ -89,3 +89,7 @@ SELECT column_name, data_type, is_generated
 DELETE FROM stripe_meter.meter_events;
 DELETE FROM stripe_meter.failed_events;
 SELECT pending, in_flight, delivered, failed FROM stripe_meter.status;
+
+-- The claim's index leaves out events in flight, so that a claim never walks
+-- past them.
+SELECT pg_catalog.pg_get_indexdef('stripe_meter.outbox_due_idx'::regclass);
