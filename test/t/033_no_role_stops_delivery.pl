@@ -107,8 +107,12 @@ wait_for($node,
 	q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'stripe_meter worker'},
 	'1', 'a worker with synchronous_commit off for its database');
 $mock->config({ latency_ms => 8000 });
-enqueue('durable-1', 'cus_Durable');
-ok($mock->wait_for(sub { $_[0]->{in_flight} > 0 }, timeout => 30),
+# the enqueue itself commits durably: what is tested is the claim
+$node->safe_psql('postgres', q{SET synchronous_commit = on;
+	SELECT stripe_meter_event_create('api_requests',
+		'{"stripe_customer_id": "cus_Durable", "value": 1}', 'durable-1')});
+# the request itself, not another one in flight (the meter sync's)
+ok($mock->wait_for(sub { scalar @{ requests_for($mock, 'durable-1') } > 0 }, timeout => 30),
 	'durable-1 reached the mock');
 $node->stop('immediate');
 $node->start;
