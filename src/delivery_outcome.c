@@ -2,8 +2,8 @@
  *
  * delivery_outcome.c
  *	  Decide what one attempt's answer means for its event, following the
- *	  rules Stripe documents (../shared/stripe/api-facts.md, sections 1-3
- *	  and 8).  Pure functions: no SQL, no curl, no ERROR.
+ *	  rules Stripe documents for errors, retries and idempotency.  Pure
+ *	  functions: no SQL, no curl, no ERROR.
  *
  * In order:
  *	- no answer: retry; if the request may have reached Stripe, the outcome

@@ -3,9 +3,12 @@
  * event_validate.c
  *	  Check one meter event the way Stripe would, before it is queued.
  *
- * Every rule here mirrors ../shared/stripe/api-facts.md, so that an event
- * that reaches the outbox is one Stripe accepts; an event it would reject
- * is refused at enqueue time, in the caller's transaction, with a SQLSTATE.
+ * Every rule here mirrors what Stripe's Meter Events API validates (names
+ * and identifiers of at most 100 characters, the payload's keys, customer
+ * and value, a timestamp from 35 days past to 5 minutes ahead), so that an
+ * event that reaches the outbox is one Stripe accepts; an event it would
+ * reject is refused at enqueue time, in the caller's transaction, with a
+ * SQLSTATE.
  * The functions are pure: no SQL, no shared state.
  *
  * Copyright (c) 2026, stripe_meter developers

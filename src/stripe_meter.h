@@ -41,7 +41,7 @@
 #define STRIPE_METER_VERSION "0.0.0"
 #endif
 
-/* Stripe's limits, from ../shared/stripe/api-facts.md */
+/* Stripe's documented limits for meter events */
 #define STRIPE_MAX_NAME_CHARS		100 /* event_name, identifier */
 #define STRIPE_MAX_PAYLOAD_VALUE_CHARS 100
 #define STRIPE_MAX_PAYLOAD_KEY_CHARS 100	/* not in the schema: as for the values */

@@ -1,9 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * v2_outcome.c
- *	  Decide what an answer of Stripe's API v2 meter endpoints means
- *	  (../shared/stripe/api-facts.md, section 5): the session endpoint
- *	  and the meter event stream.  Pure functions: no SQL, no curl, no
+ *	  Decide what an answer of Stripe's API v2 meter endpoints means: the
+ *	  session endpoint and the meter event stream.  Pure functions: no SQL, no curl, no
  *	  ERROR (they run outside any transaction).
  *
  * The stream answers a whole batch at once and validates events only

@@ -115,7 +115,7 @@ is($wrong->stats->{requests}, 0, 'not one HTTP request reached the wrong host');
 $wrong->stop;
 
 # --- plain http: loopback only ------------------------------------------------------
-for my $url ('http://example.com', 'http://api.stripe.com/', 'http://10.0.0.1:8080', 'http://192.0.2.1',
+for my $url ('http://example.com', 'http://api.stripe.invalid/', 'http://10.0.0.1:8080', 'http://192.0.2.1',
 	'http://0.0.0.0:80', 'http://2130706433/', 'http://127.0.0.1.nip.io/', 'http://127.1.2.3.example/',
 	'http://localhost.evil.example', 'http://localhostevil.example', 'http://127.0.0.1@evil.example/',
 	'http://localhost:80@evil.example', 'http://user@127.0.0.1/', 'http://[::ffff:c000:201]/',
