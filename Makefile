@@ -11,13 +11,23 @@ OBJS = \
 	src/stripe_meter.o \
 	src/guc.o \
 	src/shmem.o \
+	src/slots.o \
 	src/event_validate.o \
+	src/sql_functions.o \
 	src/enqueue.o \
-	src/outbox.o \
-	src/enqueue_probe.o \
+	src/store.o \
+	src/store_outbox.o \
+	src/store_probe.o \
 	src/launcher.o \
 	src/worker.o \
+	src/scheduler.o \
+	src/v1_sender.o \
+	src/pauses.o \
 	src/delivery_store.o \
+	src/store_counters.o \
+	src/delivery_policy.o \
+	src/stripe_response.o \
+	src/stripe_classify.o \
 	src/delivery_outcome.o \
 	src/form_encode.o \
 	src/json_encode.o \
@@ -29,9 +39,13 @@ OBJS = \
 	src/stripe_sync.o \
 	src/lifecycle.o \
 	src/cancel.o \
+	src/store_cancel.o \
 	src/meter_sync.o \
+	src/store_meters.o \
 	src/async_errors.o \
+	src/store_errors.o \
 	src/reconcile.o \
+	src/store_reconcile.o \
 	src/wait_events.o
 PGFILEDESC = "stripe_meter - deliver meter events to Stripe"
 

@@ -49,17 +49,20 @@ CREATE TABLE stripe_meter.outbox (
 	in_flight_since timestamptz,
 	last_http_status integer,
 	last_error text,
+	sent_at timestamptz,
 	CONSTRAINT outbox_identifier_key UNIQUE (identifier)
 ) WITH (fillfactor = 80);
--- The worker claims the events that are due, in the order they fell due.
--- Claimed rows are left out, so a claim never walks past the events in
--- flight.
-CREATE INDEX outbox_due_idx ON stripe_meter.outbox (next_attempt_at)
+-- The worker claims due events key by key (customer, meter, account), a
+-- few per key, so one customer's backlog never fills a claim: the index
+-- leads with that key, and leaves out claimed rows.
+CREATE INDEX outbox_due_idx ON stripe_meter.outbox
+	(customer COLLATE "C", event_name COLLATE "C",
+	 (COALESCE(stripe_account, '')) COLLATE "C", next_attempt_at)
 	WHERE in_flight_since IS NULL;
 COMMENT ON TABLE stripe_meter.outbox IS
 	'Meter events waiting to be delivered to Stripe';
 COMMENT ON COLUMN stripe_meter.outbox.identifier IS
-	'Stripe''s event identifier, also the Idempotency-Key of every attempt';
+	'Stripe''s event identifier; every attempt''s Idempotency-Key is derived from it';
 COMMENT ON COLUMN stripe_meter.outbox.customer IS
 	'The customer the payload names (derived from the meter''s customer key)';
 COMMENT ON COLUMN stripe_meter.outbox.first_attempt_at IS
@@ -68,6 +71,8 @@ COMMENT ON COLUMN stripe_meter.outbox.unknown_outcome_since IS
 	'When an attempt first ended without a definite answer (timeout, reset, 5xx, crash); resends stay inside Stripe''s idempotency window from then';
 COMMENT ON COLUMN stripe_meter.outbox.in_flight_since IS
 	'Set while the worker has the event claimed';
+COMMENT ON COLUMN stripe_meter.outbox.sent_at IS
+	'When the claimed attempt was handed to the network; NULL while it is claimed but not sent, so a restart requeues it clean';
 
 -- Delivered events: one row per identifier, with the object Stripe returned.
 CREATE TABLE stripe_meter.meter_events (
@@ -127,10 +132,18 @@ CREATE TABLE stripe_meter.failed_events (
 	enqueued_at timestamptz NOT NULL,
 	first_attempt_at timestamptz,
 	failed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-	attempts integer NOT NULL
+	attempts integer NOT NULL,
+	-- failed after an attempt whose outcome is unknown: Stripe may have
+	-- billed it, and a resend past its idempotency window could bill twice
+	maybe_billed boolean NOT NULL DEFAULT false,
+	unknown_outcome_since timestamptz
 );
 COMMENT ON TABLE stripe_meter.failed_events IS
 	'Meter events that can never be delivered as they are, with the reason';
+COMMENT ON COLUMN stripe_meter.failed_events.maybe_billed IS
+	'Failed without a definite answer (outcome unknown, a replayed 5xx or 409, or a 5xx or 409 Stripe said not to retry): Stripe may have billed it; stripe_meter_retry_failed() skips it unless force => true';
+COMMENT ON COLUMN stripe_meter.failed_events.unknown_outcome_since IS
+	'As in the outbox: when an attempt first ended without a definite answer; a retry keeps it, so resends stay inside Stripe''s idempotency window';
 
 -- pg_dump keeps the queue, the delivery record and the meters.
 SELECT pg_catalog.pg_extension_config_dump('stripe_meter.meters', '');
@@ -183,30 +196,17 @@ REVOKE ALL ON FUNCTION @extschema@.stripe_meter_event_trigger() FROM PUBLIC;
 COMMENT ON FUNCTION @extschema@.stripe_meter_event_trigger() IS
 	'Row trigger: queues one meter event per row; arguments: event name, customer column, value column [, identifier column [, timestamp column]]';
 
-CREATE FUNCTION @extschema@.stripe_meter_retry_failed(identifier text DEFAULT NULL)
+CREATE FUNCTION @extschema@.stripe_meter_retry_failed(identifier text DEFAULT NULL,
+	force boolean DEFAULT false)
 RETURNS bigint
 LANGUAGE c
 VOLATILE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'stripe_meter_retry_failed';
-REVOKE ALL ON FUNCTION @extschema@.stripe_meter_retry_failed(text) FROM PUBLIC;
-COMMENT ON FUNCTION @extschema@.stripe_meter_retry_failed(text) IS
-	'Moves one failed event (or all when NULL) back to the outbox; returns how many';
-
--- What the delivery worker of this database is doing, read from shared
--- memory.  All NULL when the library is not preloaded.
-CREATE FUNCTION stripe_meter.worker_state(
-	OUT worker_pid integer,
-	OUT paused text,
-	OUT last_error text,
-	OUT last_error_at timestamptz,
-	OUT started_at timestamptz)
-RETURNS record
-LANGUAGE c
-STABLE
-AS 'MODULE_PATHNAME', 'stripe_meter_worker_state';
-REVOKE ALL ON FUNCTION stripe_meter.worker_state() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.stripe_meter_retry_failed(text, boolean) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.stripe_meter_retry_failed(text, boolean) IS
+	'Moves one failed event (or all when NULL, maybe-billed ones only with force) back to the outbox; returns how many';
 
 -- ---------------------------------------------------------------------------
 -- The event lifecycle after delivery: cancellations, meters read from
@@ -256,7 +256,7 @@ CREATE TABLE stripe_meter.adjustments (
 	unknown_outcome_since timestamptz,
 	next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
 	in_flight_since timestamptz,
-	outcome text CHECK (outcome IN ('created', 'replayed', 'already_cancelled')),
+	outcome text CHECK (outcome IN ('created', 'replayed', 'already_cancelled', 'not_received')),
 	adjustment jsonb,
 	request_id text,
 	http_status integer,
@@ -268,7 +268,7 @@ CREATE INDEX adjustments_due_idx ON stripe_meter.adjustments (next_attempt_at)
 COMMENT ON TABLE stripe_meter.adjustments IS
 	'Cancellations of delivered meter events and the billing.meter_event_adjustment Stripe returned';
 COMMENT ON COLUMN stripe_meter.adjustments.status IS
-	'awaiting_delivery: the event itself is still being delivered; queued: to be sent; done: Stripe cancelled it; failed: see last_error';
+	'awaiting_delivery: the event itself is still being delivered; queued: to be sent; done: Stripe cancelled it, or never had it (outcome not_received); failed: see last_error';
 COMMENT ON COLUMN stripe_meter.adjustments.received_at IS
 	'When Stripe received the event: Stripe cancels only within 24 hours of that';
 
@@ -382,28 +382,96 @@ REVOKE ALL ON FUNCTION @extschema@.stripe_meter_resume_account(text) FROM PUBLIC
 COMMENT ON FUNCTION @extschema@.stripe_meter_resume_account(text) IS
 	'Resumes delivery for a paused Connect account (all when NULL) at once; returns how many were paused';
 
+-- ---------------------------------------------------------------------------
+-- Upkeep: the figures stripe_meter.status shows, kept as they change so
+-- that reading them never counts meter_events, which holds millions of rows
+-- at high volume.
+-- ---------------------------------------------------------------------------
+
+-- Running totals.  Only the worker writes them, in the transaction that
+-- moves the rows they count: each write deletes every row it sees and
+-- inserts their sum plus its own change, so the table holds one row (or a
+-- few, for a moment), and the figures are as exact as the rows, through
+-- crashes included.  There is no key: a restore adds the dumped row to the
+-- one CREATE EXTENSION made, and a worker already delivering meanwhile
+-- cannot collide with it; the next write folds them together.
+CREATE TABLE stripe_meter.counters (
+	delivered bigint NOT NULL DEFAULT 0,
+	not_billed bigint NOT NULL DEFAULT 0
+);
+INSERT INTO stripe_meter.counters DEFAULT VALUES;
+COMMENT ON TABLE stripe_meter.counters IS
+	'Running totals behind stripe_meter.status, summed over its rows; written by the delivery worker only';
+COMMENT ON COLUMN stripe_meter.counters.delivered IS
+	'Events delivered since the extension was installed, those purged from meter_events (stripe_meter.delivered_retention) included';
+COMMENT ON COLUMN stripe_meter.counters.not_billed IS
+	'Delivered events Stripe reported it will not bill (async_error_code set), purged ones included';
+
+-- Deliveries per second over the last minute: a ring of 60 rows, the slot
+-- being the second of the minute.  The worker adds each recorded batch to
+-- its second's row, starting the row afresh when it holds an older second.
+CREATE TABLE stripe_meter.delivered_seconds (
+	slot integer PRIMARY KEY
+		CHECK (slot OPERATOR(pg_catalog.>=) 0 AND slot OPERATOR(pg_catalog.<) 60),
+	second timestamptz,
+	delivered bigint NOT NULL DEFAULT 0
+);
+INSERT INTO stripe_meter.delivered_seconds (slot)
+	SELECT g FROM pg_catalog.generate_series(0, 59) g;
+COMMENT ON TABLE stripe_meter.delivered_seconds IS
+	'Events delivered in each of the last 60 seconds, for stripe_meter.status.delivered_last_minute';
+
+-- The totals travel with a dump, so that delivered keeps counting the
+-- purged events; the last minute does not (a restored database has
+-- delivered nothing yet).
+SELECT pg_catalog.pg_extension_config_dump('stripe_meter.counters', '');
+
+-- What the delivery worker of this database is doing, read from shared
+-- memory.  All NULL when the library is not preloaded.
+CREATE FUNCTION stripe_meter.worker_state(
+	OUT worker_pid integer,
+	OUT paused text,
+	OUT last_error text,
+	OUT last_error_at timestamptz,
+	OUT started_at timestamptz,
+	OUT stream_accounts integer)
+RETURNS record
+LANGUAGE c
+STABLE
+AS 'MODULE_PATHNAME', 'stripe_meter_worker_state';
+REVOKE ALL ON FUNCTION stripe_meter.worker_state() FROM PUBLIC;
+COMMENT ON FUNCTION stripe_meter.worker_state() IS
+	'The delivery worker''s shared state; stream_accounts: Stripe accounts whose API v2 session state it holds';
+
 -- What an operator watches: queue, deliveries, failures, the worker's state,
--- and what happened after delivery.
+-- and what happened after delivery.  delivered, delivered_last_minute and
+-- not_billed come from the counters above and never read meter_events.
+-- pending, in_flight and oldest_pending_age still count the outbox, and
+-- failed counts failed_events: both stay small (the outbox is emptied as
+-- fast as Stripe accepts, failed events wait for a person), and a counter
+-- on the outbox would make every enqueueing transaction update one row.
 CREATE VIEW stripe_meter.status AS
 SELECT
 	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
 	  WHERE o.in_flight_since IS NULL) AS pending,
 	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
 	  WHERE o.in_flight_since IS NOT NULL) AS in_flight,
-	(SELECT pg_catalog.count(*) FROM stripe_meter.meter_events) AS delivered,
+	(SELECT COALESCE(pg_catalog.sum(c.delivered), 0)::bigint
+	   FROM stripe_meter.counters c) AS delivered,
 	(SELECT pg_catalog.count(*) FROM stripe_meter.failed_events) AS failed,
 	pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
 		(SELECT o.enqueued_at FROM stripe_meter.outbox o ORDER BY o.id LIMIT 1)
 		AS oldest_pending_age,
 	w.paused,
 	w.last_error,
-	(SELECT pg_catalog.count(*) FROM stripe_meter.meter_events d
-	  WHERE d.delivered_at OPERATOR(pg_catalog.>)
+	(SELECT COALESCE(pg_catalog.sum(s.delivered), 0)::bigint
+	   FROM stripe_meter.delivered_seconds s
+	  WHERE s.second OPERATOR(pg_catalog.>)
 			(pg_catalog.now() OPERATOR(pg_catalog.-) interval '1 minute'))
 		AS delivered_last_minute,
 	w.worker_pid,
-	(SELECT pg_catalog.count(*) FROM stripe_meter.meter_events d
-	  WHERE d.async_error_code IS NOT NULL) AS not_billed,
+	(SELECT COALESCE(pg_catalog.sum(c.not_billed), 0)::bigint
+	   FROM stripe_meter.counters c) AS not_billed,
 	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
 	  WHERE a.status IN ('awaiting_delivery', 'queued')) AS cancels_pending,
 	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
@@ -416,6 +484,40 @@ SELECT
 FROM stripe_meter.worker_state() w;
 COMMENT ON VIEW stripe_meter.status IS
 	'Queue depth, delivery counts and the delivery worker''s state for this database';
+COMMENT ON COLUMN stripe_meter.status.delivered IS
+	'Events delivered since the extension was installed, including those since purged from meter_events';
+COMMENT ON COLUMN stripe_meter.status.delivered_last_minute IS
+	'Events delivered in the last minute, counted per whole second';
+COMMENT ON COLUMN stripe_meter.status.not_billed IS
+	'Delivered events Stripe reported it will not bill, including those since purged from meter_events';
+
+-- ---------------------------------------------------------------------------
+-- A request's body and Idempotency-Key depend only on its queued row.
+-- ---------------------------------------------------------------------------
+
+-- Stripe answers a resend under the same Idempotency-Key with an
+-- idempotency error unless its parameters are those of the first attempt,
+-- so what decides the request is frozen in the row when it is queued: the
+-- meter's value key (a later meter sync or UPDATE of stripe_meter.meters
+-- must not change which payload entry is sent as the usage value) and that
+-- value's canonical text (what validation checked is what is sent).  The
+-- payload itself stays as given.  Rows queued before 0.2.0 have neither:
+-- the worker reads the meter's value key for them, as 0.1.0 did.
+-- legacy_idempotency_key marks the events attempted before 0.2.0, which
+-- must keep being resent under the key they were first sent with, their
+-- bare identifier; every other event is sent under "meter_event:" and its
+-- identifier, which no cancellation's key ("meter_event_adjustment:...")
+-- can equal.  Cancellations did not exist before 0.2.0: they need no mark.
+ALTER TABLE stripe_meter.outbox
+	ADD COLUMN value_payload_key text,
+	ADD COLUMN canonical_value text,
+	ADD COLUMN legacy_idempotency_key boolean NOT NULL DEFAULT false;
+COMMENT ON COLUMN stripe_meter.outbox.value_payload_key IS
+	'The meter''s value key when the event was queued: the payload entry sent as the usage value; NULL for events queued before 0.2.0 (the meter''s current key is used)';
+COMMENT ON COLUMN stripe_meter.outbox.canonical_value IS
+	'The usage value exactly as every attempt sends it (canonical digits); NULL for events queued before 0.2.0';
+COMMENT ON COLUMN stripe_meter.outbox.legacy_idempotency_key IS
+	'true for an event first attempted before 0.2.0: its Idempotency-Key stays its bare identifier; otherwise "meter_event:" and the identifier';
 
 -- Tell a running launcher that this database now has the extension.
 CREATE FUNCTION stripe_meter.launcher_notify()

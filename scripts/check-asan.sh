@@ -35,13 +35,16 @@ gpg_error="$(ldconfig -p | sed -n 's/.*libgpg-error.so.0 (libc6,x86-64) => //p' 
 cp "$gpg_error" "$asanlib/libgpg-error.so.0"
 patchelf --add-needed "$(basename "$libasan" | sed 's/\(\.so\.[0-9]*\).*/\1/')" "$asanlib/libgpg-error.so.0"
 
+# The server keeps the name it was started by (exec -a): it records that
+# path in postmaster.opts, and pg_ctl restart starts that path again, which
+# must be this wrapper, not the bare binary without ASan.
 cat > "$bin/postgres" <<WRAPPER
-#!/bin/sh
+#!/bin/bash
 # check-asan: run the server with AddressSanitizer preloaded
 LD_LIBRARY_PATH="$asanlib" \\
 LD_PRELOAD="$libasan\${LD_PRELOAD:+:\$LD_PRELOAD}" \\
 ASAN_OPTIONS="detect_leaks=0:log_path=$reports/asan:detect_stack_use_after_return=0:allow_user_segv_handler=1:abort_on_error=0" \\
-exec "$bin/postgres.real" "\$@"
+exec -a "\$0" "$bin/postgres.real" "\$@"
 WRAPPER
 chmod 755 "$bin/postgres"
 

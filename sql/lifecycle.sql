@@ -65,6 +65,22 @@ INSERT INTO stripe_meter.failed_events
 VALUES ('f-1', 'api_requests', '{"stripe_customer_id": "cus_F", "value": 1}', now(), 'cus_F',
 		'No such customer', now(), 1);
 SELECT pg_temp.try($$SELECT stripe_meter_event_cancel('api_requests', 'f-1')$$);
+
+-- failed while Stripe may have billed it: a cancel adjustment is queued,
+-- without a receipt time (Stripe judges; if it never received the event,
+-- the worker records that as done)
+INSERT INTO stripe_meter.failed_events
+	(identifier, event_name, payload, ts, stripe_account, customer, reason, enqueued_at,
+	 first_attempt_at, attempts, maybe_billed, unknown_outcome_since)
+VALUES ('f-maybe', 'api_requests', '{"stripe_customer_id": "cus_F", "value": 1}', now(), 'acct_C3',
+		'cus_F', 'billing state unknown', now(), now(), 2, true, now());
+SELECT pg_temp.try($$SELECT stripe_meter_event_cancel('other_meter', 'f-maybe')$$);
+SELECT stripe_meter_event_cancel('api_requests', 'f-maybe');
+SELECT pg_temp.try($$SELECT stripe_meter_event_cancel('api_requests', 'f-maybe')$$);
+SELECT identifier, status, stripe_account, received_at
+  FROM stripe_meter.adjustments WHERE identifier = 'f-maybe';
+SELECT count(*) AS still_failed FROM stripe_meter.failed_events WHERE identifier = 'f-maybe';
+
 SELECT pg_temp.try($$SELECT stripe_meter_event_cancel('api_requests', 'nowhere')$$);
 
 SELECT not_billed, cancels_pending, cancels_failed FROM stripe_meter.status;

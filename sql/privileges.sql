@@ -1,9 +1,9 @@
 --
 -- Privileges: nothing is granted to PUBLIC; an application role needs the
--- README's GRANTs to enqueue, and even then can only enqueue.  Validation
--- runs as the extension's owner with a pinned search_path, so it sees
--- delivered and failed events the role cannot read, and the role's own
--- objects cannot change what it checks.
+-- GRANTs of doc/security.md to enqueue, and even then can only enqueue.  Validation
+-- runs as the caller, yet sees delivered and failed events the role cannot
+-- read (direct index lookups need no privileges), and the role's own
+-- objects cannot change what it checks (no search_path is used).
 --
 \set SHOW_CONTEXT never
 SET timezone = 'UTC';
@@ -36,7 +36,7 @@ SELECT c.oid::regclass AS relation, c.relkind,
 	   END AS public_any
   FROM pg_class c
  WHERE c.relnamespace = 'stripe_meter'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
- ORDER BY 1::text;
+ ORDER BY c.oid::regclass::text;
 SELECT count(*) AS public_column_grants
   FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
  WHERE c.relnamespace = 'stripe_meter'::regnamespace AND a.attacl IS NOT NULL;
@@ -81,7 +81,7 @@ RESET ROLE;
 DROP TABLE app.usage;
 
 --
--- The README's GRANTs for an application role.
+-- doc/security.md's GRANTs for an application role.
 --
 GRANT USAGE ON SCHEMA stripe_meter TO app;
 GRANT INSERT (event_name, payload, identifier, ts, stripe_account) ON stripe_meter.outbox TO app;
@@ -97,7 +97,7 @@ SELECT c.oid::regclass AS relation,
 	   has_table_privilege('app', c.oid, 'TRUNCATE') AS trunc
   FROM pg_class c
  WHERE c.relnamespace = 'stripe_meter'::regnamespace AND c.relkind IN ('r', 'p', 'v')
- ORDER BY 1::text;
+ ORDER BY c.oid::regclass::text;
 SELECT a.attname,
 	   has_column_privilege('app', a.attrelid, a.attnum, 'INSERT') AS ins,
 	   has_column_privilege('app', a.attrelid, a.attnum, 'SELECT') AS sel,

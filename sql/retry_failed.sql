@@ -32,13 +32,15 @@ SELECT count(*) AS failed FROM stripe_meter.failed_events;
 CREATE TEMP TABLE failed_before AS SELECT * FROM stripe_meter.failed_events;
 
 -- One event: it returns 1, the event is queued again as a fresh event
--- with its identifier, name, payload, timestamp and account ...
+-- with its identifier, name, payload, timestamp and account, keeping when
+-- it was first attempted ...
 BEGIN;
 SELECT stripe_meter_retry_failed('f-1');
 SELECT o.identifier, o.event_name, o.payload, o.stripe_account, o.customer,
 	   o.ts = f.ts AS same_ts,
 	   o.enqueued_at BETWEEN now() AND clock_timestamp() AS enqueued_now,
-	   o.attempts, o.first_attempt_at, o.in_flight_since, o.last_http_status, o.last_error
+	   o.attempts, o.first_attempt_at = f.first_attempt_at AS same_first_attempt,
+	   o.unknown_outcome_since, o.in_flight_since, o.last_http_status, o.last_error
   FROM stripe_meter.outbox o JOIN failed_before f USING (identifier);
 COMMIT;
 -- ... and it is no longer failed
@@ -93,4 +95,41 @@ SELECT identifier FROM stripe_meter.failed_events ORDER BY identifier;
 DELETE FROM stripe_meter.failed_events;
 SELECT stripe_meter_retry_failed();
 
+DELETE FROM stripe_meter.outbox;
+
+-- Events that failed while Stripe may have billed them (maybe_billed):
+-- retrying all leaves them failed (the NOTICE is checked in
+-- retry_failed_notice.sql); naming one queues it, and so does force.  A
+-- retried event keeps when it was first attempted and when an attempt's
+-- outcome became unknown, so the resend window still counts from then.
+CALL pg_temp.add_failed('m-1', '2 hours');
+CALL pg_temp.add_failed('m-2', '3 hours');
+CALL pg_temp.add_failed('m-plain', '1 hour');
+UPDATE stripe_meter.failed_events
+   SET maybe_billed = true, unknown_outcome_since = first_attempt_at + interval '1 minute'
+ WHERE identifier IN ('m-1', 'm-2');
+CREATE TEMP TABLE maybe_before AS SELECT * FROM stripe_meter.failed_events;
+SET client_min_messages = warning;
+SELECT stripe_meter_retry_failed();
+RESET client_min_messages;
+SELECT identifier, maybe_billed FROM stripe_meter.failed_events ORDER BY identifier;
+SELECT identifier FROM stripe_meter.outbox ORDER BY identifier;
+SELECT stripe_meter_retry_failed('m-1');
+SELECT stripe_meter_retry_failed(force => true);
+SELECT count(*) AS failed FROM stripe_meter.failed_events;
+SELECT o.identifier, o.attempts,
+	   o.first_attempt_at = f.first_attempt_at AS same_first_attempt,
+	   o.unknown_outcome_since = f.unknown_outcome_since AS same_unknown_since,
+	   o.unknown_outcome_since IS NULL AS no_unknown_since
+  FROM stripe_meter.outbox o JOIN maybe_before f USING (identifier)
+ ORDER BY o.identifier;
+-- A NULL force is no force.
+CALL pg_temp.add_failed('m-3', '1 hour');
+UPDATE stripe_meter.failed_events SET maybe_billed = true WHERE identifier = 'm-3';
+SET client_min_messages = warning;
+SELECT stripe_meter_retry_failed(NULL, NULL);
+RESET client_min_messages;
+SELECT identifier FROM stripe_meter.failed_events ORDER BY identifier;
+
+DELETE FROM stripe_meter.failed_events;
 DELETE FROM stripe_meter.outbox;

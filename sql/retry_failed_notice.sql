@@ -32,3 +32,21 @@ SELECT identifier FROM stripe_meter.failed_events;
 
 DELETE FROM stripe_meter.failed_events;
 DELETE FROM stripe_meter.outbox;
+
+-- Events Stripe may have billed (maybe_billed) are left out unless forced,
+-- and a NOTICE says how many and why.
+CALL pg_temp.add_failed('n-5', '1 day');
+CALL pg_temp.add_failed('n-maybe-1', '1 day');
+CALL pg_temp.add_failed('n-maybe-2', '2 days');
+UPDATE stripe_meter.failed_events SET maybe_billed = true WHERE identifier LIKE 'n-maybe-%';
+SELECT stripe_meter_retry_failed();
+SELECT identifier FROM stripe_meter.failed_events ORDER BY identifier;
+-- Both kinds left behind: one NOTICE for each.
+CALL pg_temp.add_failed('n-old-2', '40 days');
+SELECT stripe_meter_retry_failed();
+-- With force they are queued; the one too old still is not.
+SELECT stripe_meter_retry_failed(force => true);
+SELECT identifier FROM stripe_meter.failed_events ORDER BY identifier;
+
+DELETE FROM stripe_meter.failed_events;
+DELETE FROM stripe_meter.outbox;

@@ -42,10 +42,28 @@ INSERT INTO stripe_meter.failed_events
 	(identifier, event_name, payload, ts, customer, reason, http_status, enqueued_at, attempts)
 VALUES ('f-1', 'api_requests', '{"stripe_customer_id": "cus_A", "value": 1}', now(), 'cus_A',
 		'No such customer: ''cus_A''', 400, now(), 1);
+-- delivered, delivered_last_minute and not_billed are the worker's running
+-- counters, not counts of meter_events: rows written there by hand do not
+-- change them.
 SELECT pending, in_flight, delivered, failed,
 	   oldest_pending_age > interval '0' AS oldest_pending_age_positive,
-	   paused, last_error, delivered_last_minute, worker_pid
+	   paused, last_error, delivered_last_minute, worker_pid, not_billed
   FROM stripe_meter.status;
+-- What the worker writes when it records deliveries: the totals are the sum
+-- of the counters' rows (a restore may add one), the last minute the sum
+-- of the seconds within it.
+INSERT INTO stripe_meter.counters (delivered, not_billed) VALUES (5, 2);
+UPDATE stripe_meter.delivered_seconds
+   SET second = date_trunc('second', now()), delivered = 3
+ WHERE slot = (date_part('epoch', date_trunc('second', now()))::bigint % 60)::integer;
+UPDATE stripe_meter.delivered_seconds
+   SET second = date_trunc('second', now()) - interval '2 minutes', delivered = 7
+ WHERE slot = (date_part('epoch', date_trunc('second', now()) - interval '2 minutes')::bigint % 60 + 1)::integer % 60;
+SELECT delivered, delivered_last_minute, not_billed FROM stripe_meter.status;
+-- The view never reads meter_events, however many rows it holds.
+SELECT pg_get_viewdef('stripe_meter.status'::regclass) LIKE '%meter_events%' AS reads_meter_events;
+SELECT count(*) AS fresh_counter_rows FROM stripe_meter.counters;
+SELECT count(*) AS ring_slots, min(slot), max(slot) FROM stripe_meter.delivered_seconds;
 -- The age is that of the oldest queued event.
 UPDATE stripe_meter.outbox SET enqueued_at = clock_timestamp() - interval '10 minutes'
  WHERE identifier = 'q-1';
@@ -88,8 +106,9 @@ SELECT column_name, data_type, is_generated
 
 DELETE FROM stripe_meter.meter_events;
 DELETE FROM stripe_meter.failed_events;
+-- delivered counts what was ever delivered: deleting rows leaves it
 SELECT pending, in_flight, delivered, failed FROM stripe_meter.status;
 
--- The claim's index leaves out events in flight, so that a claim never walks
--- past them.
+-- The claim's index leads with the key (customer, meter, account), so a
+-- claim takes a few events per key, and leaves out events in flight.
 SELECT pg_catalog.pg_get_indexdef('stripe_meter.outbox_due_idx'::regclass);

@@ -13,11 +13,18 @@
  *	  cancellation waits (awaiting_delivery) until the event's delivery is
  *	  recorded, then is sent like any other;
  *	- delivered: a cancel adjustment is queued for the worker, refused if
- *	  Stripe received the event more than 24 hours ago (Stripe's limit).
+ *	  Stripe received the event more than 24 hours ago (Stripe's limit);
+ *	- failed while Stripe may have billed it (maybe_billed): a cancel
+ *	  adjustment is queued too.  If Stripe never received the event it
+ *	  answers that it has no such event, which is recorded as done
+ *	  (not_received): nothing was billed, nothing is left to cancel;
+ *	- failed with a definite answer: refused, Stripe never billed it.
  *
  * Adjustments get the delivery guarantees of events: the claim is
  * committed before the request, every attempt carries the same
- * Idempotency-Key (derived from the identifier), answers are classified
+ * Idempotency-Key ("meter_event_adjustment:" and the identifier, never an
+ * event's key; the table is new in 0.2.0, so no cancellation was ever sent
+ * under an older key), answers are classified
  * the same way, an attempt whose outcome is unknown is not repeated past
  * stripe_meter.resend_window, and one that can never succeed is parked as
  * failed with the reason.  Stripe answering that the event is already
@@ -32,40 +39,14 @@
  */
 #include "postgres.h"
 
-#include "catalog/pg_type.h"
-#include "executor/spi.h"
-#include "funcapi.h"
-#include "mb/pg_wchar.h"
+#include "access/xact.h"
 #include "utils/builtins.h"
-#include "utils/guc.h"
 #include "utils/timestamp.h"
 
 #include "stripe_meter.h"
 
 #define ADJUSTMENTS_PATH	"/v1/billing/meter_event_adjustments"
 #define CANCEL_WINDOW_SECS	(24 * SECS_PER_HOUR)
-
-PG_FUNCTION_INFO_V1(stripe_meter_event_cancel);
-
-static void
-check_name_arg(const char *what, text *t)
-{
-	char	   *s;
-
-	if (t == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", what)));
-	s = text_to_cstring(t);
-	if (s[0] == '\0')
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s must not be empty", what)));
-	if (pg_mbstrlen(s) > STRIPE_MAX_NAME_CHARS)
-		ereport(ERROR,
-				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
-				 errmsg("%s must be at most %d characters", what, STRIPE_MAX_NAME_CHARS)));
-}
 
 static void
 check_event_name_matches(const char *identifier, const char *given, const char *stored)
@@ -79,174 +60,103 @@ check_event_name_matches(const char *identifier, const char *given, const char *
 
 /* a second cancellation of the same event */
 static void
-refuse_if_already_cancelled(Datum *args)
+refuse_if_already_cancelled(const char *identifier)
 {
-	int			rc;
 	char	   *status;
+	char	   *last_error;
 
-	rc = SPI_execute_with_args("SELECT status, last_error FROM stripe_meter.adjustments"
-							   " WHERE identifier = $2",
-							   2, (Oid[]) {TEXTOID, TEXTOID}, args, NULL, true, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not look up cancellations: %s", SPI_result_code_string(rc));
-	if (SPI_processed == 0)
+	if (!StoreCancelFindAdjustment(identifier, &status, &last_error))
 		return;
-	status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	ereport(ERROR,
 			(errcode(ERRCODE_UNIQUE_VIOLATION),
-			 errmsg("meter event \"%s\" is already cancelled",
-					TextDatumGetCString(args[1])),
+			 errmsg("meter event \"%s\" is already cancelled", identifier),
 			 strcmp(status, "failed") == 0 ?
-			 errdetail("The earlier cancellation failed: %s.",
-					   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2)) :
+			 errdetail("The earlier cancellation failed: %s.", last_error) :
 			 errdetail("Its cancellation is %s (see stripe_meter.adjustments).",
 					   strcmp(status, "done") == 0 ? "done" : "queued"),
 			 strcmp(status, "failed") == 0 ?
 			 errhint("Delete its row from stripe_meter.adjustments to try again.") : 0));
 }
 
+/* received_at NULL: when Stripe received the event, if at all, is unknown */
 static void
-insert_adjustment(Datum *args, const char *stripe_account, const char *status,
-				  Datum received_at, bool received_null)
+queue_adjustment(const char *identifier, const char *event_name,
+				 const char *stripe_account, const char *status,
+				 const TimestampTz *received_at)
 {
-	Datum		values[5];
-	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
-	int			rc;
-
-	values[0] = args[1];
-	values[1] = args[0];
-	if (stripe_account)
-		values[2] = CStringGetTextDatum(stripe_account);
-	else
-		nulls[2] = 'n';
-	values[3] = CStringGetTextDatum(status);
-	values[4] = received_at;
-	if (received_null)
-		nulls[4] = 'n';
-	rc = SPI_execute_with_args("INSERT INTO stripe_meter.adjustments"
-							   " (identifier, event_name, stripe_account, status, received_at)"
-							   " VALUES ($1, $2, $3, $4, $5)",
-							   5, (Oid[]) {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID},
-							   values, nulls, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "could not queue a cancellation: %s", SPI_result_code_string(rc));
+	StoreCancelQueue(identifier, event_name, stripe_account, status, received_at);
 	StripeMeterWakeAtCommit();
 }
 
 /*
- * stripe_meter_event_cancel(event_name text, identifier text) RETURNS text
- *		removed, queued or awaiting_delivery.
+ * CancelEvent
+ *		stripe_meter_event_cancel(): cancel one event, wherever it is.
+ *		Returns removed, queued or awaiting_delivery.
  */
-Datum
-stripe_meter_event_cancel(PG_FUNCTION_ARGS)
+const char *
+CancelEvent(const char *event_name, const char *identifier)
 {
-	text	   *name_t = PG_ARGISNULL(0) ? NULL : PG_GETARG_TEXT_PP(0);
-	text	   *ident_t = PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1);
-	char	   *event_name;
-	char	   *identifier;
-	Datum		args[2];
-	Oid			types[2] = {TEXTOID, TEXTOID};
-	const char *result;
-	int			rc;
-
-	check_name_arg("event_name", name_t);
-	check_name_arg("identifier", ident_t);
-	event_name = text_to_cstring(name_t);
-	identifier = text_to_cstring(ident_t);
-	args[0] = PointerGetDatum(name_t);
-	args[1] = PointerGetDatum(ident_t);
-
-	SPI_connect();
+	CancelTarget found;
 
 	/* 1. still queued: the row lock keeps the worker from claiming it now */
-	rc = SPI_execute_with_args("SELECT event_name, stripe_account,"
-							   "       in_flight_since IS NOT NULL OR unknown_outcome_since IS NOT NULL"
-							   "  FROM stripe_meter.outbox WHERE identifier = $2 FOR UPDATE",
-							   2, types, args, NULL, false, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not look up the outbox: %s", SPI_result_code_string(rc));
-	if (SPI_processed == 1)
+	if (StoreCancelFindQueued(identifier, &found))
 	{
-		HeapTuple	tup = SPI_tuptable->vals[0];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		char	   *stored = SPI_getvalue(tup, desc, 1);
-		char	   *account = SPI_getvalue(tup, desc, 2);
-		bool		isnull;
-		bool		maybe_sent = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
-
-		check_event_name_matches(identifier, event_name, stored);
-		if (!maybe_sent)
+		check_event_name_matches(identifier, event_name, found.event_name);
+		if (!found.maybe_sent)
 		{
-			rc = SPI_execute_with_args("DELETE FROM stripe_meter.outbox WHERE identifier = $2",
-									   2, types, args, NULL, false, 0);
-			if (rc != SPI_OK_DELETE)
-				elog(ERROR, "could not remove the event: %s", SPI_result_code_string(rc));
-			result = "removed";
+			StoreCancelRemoveQueued(identifier);
+			return "removed";
 		}
-		else
-		{
-			refuse_if_already_cancelled(args);
-			insert_adjustment(args, account, "awaiting_delivery", (Datum) 0, true);
-			result = "awaiting_delivery";
-		}
-		SPI_finish();
-		PG_RETURN_TEXT_P(cstring_to_text(result));
+		refuse_if_already_cancelled(identifier);
+		queue_adjustment(identifier, event_name, found.stripe_account,
+						 "awaiting_delivery", NULL);
+		return "awaiting_delivery";
 	}
 
 	/* 2. delivered */
-	rc = SPI_execute_with_args("SELECT event_name, stripe_account,"
-							   "       COALESCE(created, first_attempt_at, delivered_at),"
-							   "       COALESCE(created, first_attempt_at, delivered_at)"
-							   "         <= pg_catalog.now() - interval '24 hours'"
-							   "  FROM stripe_meter.meter_events WHERE identifier = $2 FOR UPDATE",
-							   2, types, args, NULL, false, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not look up delivered events: %s", SPI_result_code_string(rc));
-	if (SPI_processed == 1)
+	if (StoreCancelFindDelivered(identifier, &found))
 	{
-		HeapTuple	tup = SPI_tuptable->vals[0];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		char	   *stored = SPI_getvalue(tup, desc, 1);
-		char	   *account = SPI_getvalue(tup, desc, 2);
-		char	   *received_text = SPI_getvalue(tup, desc, 3);
-		bool		isnull;
-		Datum		received = SPI_getbinval(tup, desc, 3, &isnull);
-		bool		too_late = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
-
-		check_event_name_matches(identifier, event_name, stored);
-		refuse_if_already_cancelled(args);
-		if (too_late)
+		check_event_name_matches(identifier, event_name, found.event_name);
+		refuse_if_already_cancelled(identifier);
+		if (found.received_at <= GetCurrentTransactionStartTimestamp() -
+			(TimestampTz) CANCEL_WINDOW_SECS * USECS_PER_SEC)
 			ereport(ERROR,
 					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 					 errmsg("meter event \"%s\" can no longer be cancelled", identifier),
 					 errdetail("Stripe received it at %s, and cancels events only within 24 hours of receiving them.",
-							   received_text),
+							   DatumGetCString(DirectFunctionCall1(timestamptz_out,
+																   TimestampTzGetDatum(found.received_at)))),
 					 errhint("Correct the usage with a new event instead, or in Stripe's dashboard.")));
-		insert_adjustment(args, account, "queued", received, false);
-		SPI_finish();
-		PG_RETURN_TEXT_P(cstring_to_text("queued"));
+		queue_adjustment(identifier, event_name, found.stripe_account, "queued",
+						 &found.received_at);
+		return "queued";
 	}
 
-	/* 3. failed: never billed */
-	rc = SPI_execute_with_args("SELECT reason FROM stripe_meter.failed_events WHERE identifier = $2",
-							   2, types, args, NULL, true, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not look up failed events: %s", SPI_result_code_string(rc));
-	if (SPI_processed == 1)
+	/* 3. failed: maybe billed, or never billed */
+	if (StoreCancelFindFailed(identifier, &found))
+	{
+		if (found.maybe_billed)
+		{
+			check_event_name_matches(identifier, event_name, found.event_name);
+			refuse_if_already_cancelled(identifier);
+			/* when Stripe received it, if at all, is unknown: let Stripe judge */
+			queue_adjustment(identifier, event_name, found.stripe_account, "queued", NULL);
+			return "queued";
+		}
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("meter event \"%s\" was never delivered", identifier),
-				 errdetail("It is in stripe_meter.failed_events: %s.",
-						   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1)),
+				 errdetail("It is in stripe_meter.failed_events: %s.", found.reason),
 				 errhint("Delete its row from stripe_meter.failed_events so that it is never retried.")));
+	}
 
-	refuse_if_already_cancelled(args);
+	refuse_if_already_cancelled(identifier);
 	ereport(ERROR,
 			(errcode(ERRCODE_UNDEFINED_OBJECT),
 			 errmsg("meter event \"%s\" does not exist", identifier),
 			 errdetail("It is not queued, delivered or failed."),
 			 errhint("Delivered events are kept for stripe_meter.delivered_retention; older ones can no longer be cancelled anyway.")));
-	PG_RETURN_NULL();			/* not reached */
+	return NULL;				/* keep compiler quiet */
 }
 
 /*
@@ -257,24 +167,8 @@ stripe_meter_event_cancel(PG_FUNCTION_ARGS)
 void
 CancelRepair(void)
 {
-	int			rc = SPI_execute("UPDATE stripe_meter.adjustments"
-								 "   SET in_flight_since = NULL,"
-								 "       unknown_outcome_since = COALESCE(unknown_outcome_since, in_flight_since)"
-								 " WHERE in_flight_since IS NOT NULL", false, 0);
-
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "could not repair claimed cancellations: %s", SPI_result_code_string(rc));
+	StoreCancelRepair();
 }
-
-typedef struct ClaimedCancel
-{
-	char	   *identifier;
-	char	   *event_name;
-	char	   *stripe_account;
-	TimestampTz received_at;	/* 0 when unknown */
-	TimestampTz unknown_outcome_since;
-	int			attempts;
-} ClaimedCancel;
 
 typedef struct CancelOutcome
 {
@@ -287,115 +181,93 @@ typedef struct CancelOutcome
 	const char *request_id;
 } CancelOutcome;
 
+/* Idempotency-Key on every attempt; a 404 may say the event is unknown */
+static const StripeEndpoint v1_adjustments = {
+	.v2 = false,
+	.session_token = false,
+	.names_object = true,
+};
+
+/* delivered: Stripe acknowledged the event (received_at is known) */
 static void
-classify(const HttpResult *http, CancelOutcome *o)
+classify(const HttpResult *http, bool delivered, CancelOutcome *o)
 {
-	bool		json_ok;
-	char	   *text;
+	StripeResponse resp;
+	StripeJudgement j;
 
 	memset(o, 0, sizeof(*o));
 	o->http_status = http->status;
 	o->request_id = http->request_id;
-	if (http->curl_code != 0)
-	{
-		o->unknown = http->connected;
-		o->reason = StripeSyncErrorText(http);
-		return;
-	}
-	json_ok = http->body && !http->body_truncated &&
-		DeliveryJsonIsStorable(http->body, http->body_len);
-	if (json_ok)
+	StripeReadAnswer(http, &resp);
+	if (resp.valid)
 		o->json = pnstrdup(http->body, http->body_len);
-	text = StripeSyncErrorText(http);
 
-	if (http->status == 200 && o->json &&
-		strstr(o->json, "\"billing.meter_event_adjustment\"") != NULL)
+	if (http->status == 200 && resp.object != NULL &&
+		strcmp(resp.object, "billing.meter_event_adjustment") == 0)
 	{
 		o->status = "done";
 		o->outcome = http->replayed ? "replayed" : "created";
-		return;
 	}
-	if (http->status == 400 && o->json && strstr(o->json, "already been cancelled") != NULL)
+	else if (http->status == 400 && StripeErrorMessageHas(&resp, "already been cancelled"))
 	{
 		/* an earlier attempt's answer was lost */
 		o->status = "done";
 		o->outcome = "already_cancelled";
-		return;
 	}
-	o->reason = text;
-	if (http->status == 200)
+	else if (!delivered && (http->status == 400 || http->status == 404) &&
+			 resp.error_code != NULL && strcmp(resp.error_code, "resource_missing") == 0)
 	{
-		o->unknown = true;		/* probably done; a resend replays it */
-		return;
+		/*
+		 * An event that failed without a definite answer, and Stripe has no
+		 * such event: it was never billed, which is all a cancel wants.  For
+		 * a delivered event the same answer means something is wrong (the
+		 * account or the event name), so that one stays a failure.
+		 */
+		o->status = "done";
+		o->outcome = "not_received";
 	}
-	if (http->status == 401 || http->status == 403 || http->status == 429)
-		return;					/* the key or the rate: retry later */
-	if (http->should_retry == 'f' && (http->status == 409 || http->status >= 500))
+	StripeClassify(http, &resp, &v1_adjustments, o->status != NULL, &j);
+	if (j.verdict == STRIPE_SUCCESS)
+		return;
+
+	o->reason = StripeAnswerText(http, &resp);
+	switch (j.verdict)
 	{
-		o->status = "failed";
-		return;
+		case STRIPE_SUCCESS:
+		case STRIPE_RETRY:
+			o->unknown = j.outcome_unknown;
+			break;
+		case STRIPE_FAIL:
+			o->status = "failed";
+			if (j.rule == RULE_REPLAYED_FAILURE)
+				o->reason = psprintf("cancellation state unknown: Stripe replays the HTTP %ld it stored for this idempotency key, so no resend can succeed before the key expires, and the event may or may not be cancelled (%s)",
+									 http->status, o->reason);
+			break;
+		case STRIPE_PAUSE_ACCOUNT:
+		case STRIPE_PAUSE_ALL:
+			/* the key may be fixed: retry later, as for a 429 */
+			break;
 	}
-	if (http->should_retry == 't' || http->status == 409 || http->status >= 500)
-	{
-		o->unknown = true;
-		return;
-	}
-	if (http->status >= 400 && http->status < 500 && o->json)
-	{
-		o->status = "failed";
-		return;
-	}
-	o->unknown = true;			/* not Stripe speaking: a proxy? */
 }
 
 static void
 record(ClaimedCancel *c, CancelOutcome *o)
 {
-	Datum		values[8];
-	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
-	int			rc;
+	CancelRecord r;
 
-	(void) set_config_option("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION,
-							 GUC_ACTION_LOCAL, true, 0, false);
-	values[0] = CStringGetTextDatum(c->identifier);
-	values[1] = o->status ? CStringGetTextDatum(o->status) : (Datum) 0;
-	nulls[1] = o->status ? ' ' : 'n';
-	values[2] = o->outcome ? CStringGetTextDatum(o->outcome) : (Datum) 0;
-	nulls[2] = o->outcome ? ' ' : 'n';
-	values[3] = (o->json && o->status && strcmp(o->status, "done") == 0) ?
-		CStringGetTextDatum(o->json) : (Datum) 0;
-	nulls[3] = values[3] ? ' ' : 'n';
-	values[4] = o->request_id ? CStringGetTextDatum(o->request_id) : (Datum) 0;
-	nulls[4] = o->request_id ? ' ' : 'n';
-	values[5] = Int32GetDatum((int32) o->http_status);
-	nulls[5] = o->http_status ? ' ' : 'n';
-	values[6] = o->reason ? CStringGetTextDatum(o->reason) : (Datum) 0;
-	nulls[6] = o->reason ? ' ' : 'n';
-	values[7] = TimestampTzGetDatum(TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-																DeliveryBackoffMs(c->attempts)));
-	rc = SPI_execute_with_args("UPDATE stripe_meter.adjustments SET"
-							   "  in_flight_since = NULL,"
-							   "  status = COALESCE($2, status),"
-							   "  outcome = $3,"
-							   "  adjustment = $4::jsonb,"
-							   "  request_id = $5,"
-							   "  http_status = $6,"
-							   "  last_error = $7,"
-							   "  next_attempt_at = $8,"
-							   "  completed_at = CASE WHEN $2 IS NOT NULL THEN pg_catalog.now() END,"
-							   "  unknown_outcome_since = CASE WHEN $2 IS NULL AND $9"
-							   "    THEN COALESCE(unknown_outcome_since, in_flight_since)"
-							   "    ELSE unknown_outcome_since END"
-							   " WHERE identifier = $1",
-							   9, (Oid[]) {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID,
-								   TEXTOID, TIMESTAMPTZOID, BOOLOID},
-							   (Datum[]) {values[0], values[1], values[2], values[3], values[4],
-								   values[5], values[6], values[7], BoolGetDatum(o->unknown)},
-							   (char[]) {nulls[0], nulls[1], nulls[2], nulls[3], nulls[4],
-								   nulls[5], nulls[6], nulls[7], ' '},
-							   false, 0);
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "could not record a cancellation: %s", SPI_result_code_string(rc));
+	r.identifier = c->identifier;
+	r.status = o->status;
+	r.outcome = o->outcome;
+	/* Stripe's object is kept only for a cancellation that is done */
+	r.adjustment = (o->json && o->status && strcmp(o->status, "done") == 0) ?
+		o->json : NULL;
+	r.request_id = o->request_id;
+	r.http_status = o->http_status;
+	r.reason = o->reason;
+	r.next_attempt_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													DeliveryBackoffMs(c->attempts));
+	r.unknown = o->unknown;
+	StoreCancelRecord(&r);
 }
 
 static char *
@@ -423,63 +295,15 @@ CancelDeliverDue(int limit)
 	ClaimedCancel *claimed;
 	int			n;
 	int			i;
-	int			rc;
 	TimestampTz next_due = 0;
 	MemoryContext mine = CurrentMemoryContext;
 
 	if (!DeliveryStoreBegin())
 		return 0;
 
-	/* cancellations waiting for their event's delivery to be recorded */
-	rc = SPI_execute("UPDATE stripe_meter.adjustments a"
-					 "   SET status = 'queued',"
-					 "       received_at = COALESCE(m.created, m.first_attempt_at, m.delivered_at)"
-					 "  FROM stripe_meter.meter_events m"
-					 " WHERE a.status = 'awaiting_delivery' AND m.identifier = a.identifier",
-					 false, 0);
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "could not update cancellations: %s", SPI_result_code_string(rc));
-	/* failed without a definite answer: Stripe may have it, so cancel anyway */
-	rc = SPI_execute("UPDATE stripe_meter.adjustments a SET status = 'queued'"
-					 "  FROM stripe_meter.failed_events f"
-					 " WHERE a.status = 'awaiting_delivery' AND f.identifier = a.identifier",
-					 false, 0);
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "could not update cancellations: %s", SPI_result_code_string(rc));
-
-	rc = SPI_execute_with_args("UPDATE stripe_meter.adjustments a"
-							   "   SET in_flight_since = pg_catalog.now(),"
-							   "       attempts = a.attempts + 1,"
-							   "       first_attempt_at = COALESCE(a.first_attempt_at, pg_catalog.now())"
-							   " WHERE a.identifier IN (SELECT identifier FROM stripe_meter.adjustments"
-							   "        WHERE status = 'queued' AND in_flight_since IS NULL"
-							   "          AND next_attempt_at <= pg_catalog.clock_timestamp()"
-							   "        ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
-							   " RETURNING a.identifier, a.event_name, a.stripe_account, a.received_at,"
-							   "           a.unknown_outcome_since, a.attempts",
-							   1, (Oid[]) {INT4OID}, (Datum[]) {Int32GetDatum(limit)}, NULL,
-							   false, 0);
-	if (rc != SPI_OK_UPDATE_RETURNING)
-		elog(ERROR, "could not claim cancellations: %s", SPI_result_code_string(rc));
-	n = (int) SPI_processed;
-	claimed = MemoryContextAllocZero(mine, sizeof(ClaimedCancel) * Max(n, 1));
-	for (i = 0; i < n; i++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		bool		isnull;
-		Datum		d;
-		char	   *account = SPI_getvalue(tup, desc, 3);
-
-		claimed[i].identifier = MemoryContextStrdup(mine, SPI_getvalue(tup, desc, 1));
-		claimed[i].event_name = MemoryContextStrdup(mine, SPI_getvalue(tup, desc, 2));
-		claimed[i].stripe_account = account ? MemoryContextStrdup(mine, account) : NULL;
-		d = SPI_getbinval(tup, desc, 4, &isnull);
-		claimed[i].received_at = isnull ? 0 : DatumGetTimestampTz(d);
-		d = SPI_getbinval(tup, desc, 5, &isnull);
-		claimed[i].unknown_outcome_since = isnull ? 0 : DatumGetTimestampTz(d);
-		claimed[i].attempts = DatumGetInt32(SPI_getbinval(tup, desc, 6, &isnull));
-	}
+	/* cancellations waiting for their event's outcome, now recorded */
+	StoreCancelPromoteAwaiting();
+	n = StoreCancelClaim(limit, mine, &claimed);
 	DeliveryStoreCommit();
 	MemoryContextSwitchTo(mine);
 
@@ -508,9 +332,10 @@ CancelDeliverDue(int limit)
 			HttpResult	http;
 
 			(void) StripeSyncRequest("POST", ADJUSTMENTS_PATH, adjustment_body(c),
-									 FormEncodeIdempotencyKey(psprintf("cancel-%s", c->identifier)),
+									 FormEncodeIdempotencyKey(IDEMPOTENCY_KIND_ADJUSTMENT,
+															  c->identifier),
 									 c->stripe_account, &http);
-			classify(&http, &o);
+			classify(&http, c->received_at != 0, &o);
 		}
 		if (o.status == NULL || strcmp(o.status, "done") != 0)
 			ereport(o.status ? LOG : DEBUG1,
@@ -526,16 +351,7 @@ CancelDeliverDue(int limit)
 
 	if (!DeliveryStoreBegin())
 		return 0;
-	rc = SPI_execute("SELECT min(next_attempt_at) FROM stripe_meter.adjustments"
-					 " WHERE status = 'queued' AND in_flight_since IS NULL", true, 0);
-	if (rc == SPI_OK_SELECT && SPI_processed == 1)
-	{
-		bool		isnull;
-		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-
-		if (!isnull)
-			next_due = DatumGetTimestampTz(d);
-	}
+	next_due = StoreCancelNextDue();
 	DeliveryStoreCommit();
 	MemoryContextSwitchTo(mine);
 	return next_due;

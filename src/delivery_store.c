@@ -11,9 +11,10 @@
  * The guarantee rests on two facts.  A claim is committed before any byte
  * of its events goes on the wire, so after a crash the repair step knows
  * which events might have reached Stripe and marks their outcome unknown.
- * And every attempt of an event sends the same identifier and
- * Idempotency-Key, so a resend after a lost answer is replayed by Stripe
- * instead of billed again, for as long as the resend window allows.
+ * And every attempt of an event sends the same body and Idempotency-Key,
+ * both fixed by its row at enqueue, so a resend after a lost answer is
+ * replayed by Stripe instead of billed again, for as long as the resend
+ * window allows.
  * Recording is therefore committed asynchronously: losing a record in a
  * crash only causes a resend that Stripe answers with a replay.
  *
@@ -30,7 +31,6 @@
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "common/hashfn.h"
-#include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "pgstat.h"
 #include "utils/array.h"
@@ -48,6 +48,9 @@ static SPIPlanPtr delivered_plan = NULL;
 static SPIPlanPtr failed_plan = NULL;
 static SPIPlanPtr retry_plan = NULL;
 static SPIPlanPtr release_plan = NULL;
+
+static ArrayType *int8_array(Datum *values, int n);
+static int	cmp_int64(const void *a, const void *b);
 
 /* the caller's memory context, current again after DeliveryStoreCommit */
 static MemoryContext caller_cxt = NULL;
@@ -118,9 +121,9 @@ DeliveryStoreExtensionVersion(char *buf, size_t size)
 /*
  * DeliveryStoreRepair
  *		At worker start: events a previous worker claimed (before the time
- *		given) but never recorded go back to the queue, their outcome
- *		unknown since the claim, because any of them may have reached
- *		Stripe.
+ *		given) but never recorded go back to the queue.  Those it had
+ *		handed to the network may have reached Stripe: their outcome is
+ *		unknown since then.  The others go back as if never claimed.
  *
  * A row another transaction has locked is left for a later call, so the
  * worker never waits for it.  Returns how many such rows are left.
@@ -133,23 +136,39 @@ DeliveryStoreRepair(TimestampTz claimed_before)
 	Datum		arg = TimestampTzGetDatum(claimed_before);
 	bool		isnull;
 	int			rc;
+	uint64		i;
+	uint64		nsent = 0;
 
 	if (repair_plan == NULL)
 		repair_plan = SpiPrepareSaved("UPDATE stripe_meter.outbox o"
 									  "   SET in_flight_since = NULL,"
-									  "       unknown_outcome_since = COALESCE(o.unknown_outcome_since, o.in_flight_since)"
-									  " WHERE o.id IN (SELECT id FROM stripe_meter.outbox"
-									  "                 WHERE in_flight_since < $1"
-									  "                   FOR UPDATE SKIP LOCKED)",
+									  "       sent_at = NULL,"
+									  "       unknown_outcome_since = CASE WHEN c.sent_at IS NULL"
+									  "         THEN o.unknown_outcome_since"
+									  "         ELSE COALESCE(o.unknown_outcome_since, c.sent_at) END,"
+									  "       attempts = CASE WHEN c.sent_at IS NULL"
+									  "         THEN o.attempts - 1 ELSE o.attempts END,"
+									  "       first_attempt_at = CASE WHEN c.sent_at IS NULL"
+									  "                               AND o.first_attempt_at = o.in_flight_since"
+									  "         THEN NULL ELSE o.first_attempt_at END"
+									  "  FROM (SELECT id, sent_at FROM stripe_meter.outbox"
+									  "         WHERE in_flight_since < $1"
+									  "           FOR UPDATE SKIP LOCKED) c"
+									  " WHERE o.id = c.id"
+									  " RETURNING c.sent_at IS NOT NULL",
 									  1, (Oid[]) {TIMESTAMPTZOID});
 	rc = SPI_execute_plan(repair_plan, &arg, NULL, false, 0);
-	if (rc != SPI_OK_UPDATE)
+	if (rc != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "could not repair claimed meter events: %s", SPI_result_code_string(rc));
+	for (i = 0; i < SPI_processed; i++)
+		if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull)))
+			nsent++;
 	if (SPI_processed > 0)
 		ereport(LOG,
 				(errmsg("stripe_meter worker found %llu meter events claimed before a restart",
 						(unsigned long long) SPI_processed),
-				 errdetail("They will be sent again with the same idempotency keys.")));
+				 errdetail("%llu of them had been sent and will be sent again with the same idempotency keys; the others had not been sent and are queued again as they were.",
+						   (unsigned long long) nsent)));
 
 	if (left_plan == NULL)
 		left_plan = SpiPrepareSaved("SELECT pg_catalog.count(*) FROM stripe_meter.outbox"
@@ -161,8 +180,8 @@ DeliveryStoreRepair(TimestampTz claimed_before)
 	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 
-static uint64
-busy_key_of(const char *account, const char *event_name, const char *customer)
+uint64
+DeliveryBusyKey(const char *account, const char *event_name, const char *customer)
 {
 	uint64		h = hash_bytes_extended((const unsigned char *) event_name,
 										strlen(event_name), 0);
@@ -174,43 +193,184 @@ busy_key_of(const char *account, const char *event_name, const char *customer)
 }
 
 /*
- * DeliveryStoreClaim
- *		Claim up to limit due events, oldest first, and build their requests.
- *
- * The claim marks them in flight and counts the attempt in the same
- * statement.  The events, their strings and request bodies are allocated in
- * batch->cxt and appended to the list head/tail.  Returns how many.
+ * Where the last claim's walk over the keys stopped: the next one goes on
+ * from there, so that every key gets its turn however many there are.
+ * Empty strings: from the first key (no key is empty: a customer never is).
  */
-int
-DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head, ClaimedEvent **tail)
+static char *walk_from[3] = {NULL, NULL, NULL};
+
+static void
+set_walk_from(const char *customer, const char *event_name, const char *account)
 {
-	Datum		arg = Int32GetDatum(limit);
+	int			i;
+
+	for (i = 0; i < 3; i++)
+		if (walk_from[i] != NULL)
+			pfree(walk_from[i]);
+	walk_from[0] = MemoryContextStrdup(TopMemoryContext, customer);
+	walk_from[1] = MemoryContextStrdup(TopMemoryContext, event_name);
+	walk_from[2] = MemoryContextStrdup(TopMemoryContext, account);
+}
+
+/*
+ * Walk the keys (customer, event name, account) that have events waiting,
+ * from walk_from, at most max_keys of them, and choose the due events of
+ * each that room() allows (at most CLAIM_PER_KEY), up to limit in all.
+ * Appends their ids to ids; returns false when the walk reached the last
+ * key.
+ */
+static bool
+choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
+		   int64 *ids, int *nids)
+{
+	static SPIPlanPtr walk_plan = NULL;
+	Datum		args[6];
 	int			rc;
 	uint64		i;
+	uint64		nkeys;
+
+	if (walk_plan == NULL)
+		walk_plan = SpiPrepareSaved(
+								"WITH RECURSIVE walk(customer, event_name, account, n) AS ("
+								"  (SELECT o.customer, o.event_name, COALESCE(o.stripe_account, ''), 1"
+								"     FROM stripe_meter.outbox o"
+								"    WHERE o.in_flight_since IS NULL"
+								"      AND (o.customer COLLATE \"C\", o.event_name COLLATE \"C\","
+								"           COALESCE(o.stripe_account, '') COLLATE \"C\") > ($1, $2, $3)"
+								"    ORDER BY o.customer COLLATE \"C\", o.event_name COLLATE \"C\","
+								"             COALESCE(o.stripe_account, '') COLLATE \"C\""
+								"    LIMIT 1)"
+								"  UNION ALL"
+								"  SELECT nx.customer, nx.event_name, nx.account, w.n + 1"
+								"    FROM walk w, LATERAL ("
+								"      SELECT o.customer, o.event_name, COALESCE(o.stripe_account, '') AS account"
+								"        FROM stripe_meter.outbox o"
+								"       WHERE o.in_flight_since IS NULL"
+								"         AND (o.customer COLLATE \"C\", o.event_name COLLATE \"C\","
+								"              COALESCE(o.stripe_account, '') COLLATE \"C\")"
+								"             > (w.customer, w.event_name, w.account)"
+								"       ORDER BY o.customer COLLATE \"C\", o.event_name COLLATE \"C\","
+								"                COALESCE(o.stripe_account, '') COLLATE \"C\""
+								"       LIMIT 1) nx"
+								"   WHERE w.n < $4)"
+								" SELECT w.customer, w.event_name, w.account,"
+								"        ARRAY(SELECT o.id FROM stripe_meter.outbox o"
+								"               WHERE o.in_flight_since IS NULL"
+								"                 AND o.customer COLLATE \"C\" = w.customer"
+								"                 AND o.event_name COLLATE \"C\" = w.event_name"
+								"                 AND COALESCE(o.stripe_account, '') COLLATE \"C\" = w.account"
+								"                 AND o.next_attempt_at <= $6"
+								"               ORDER BY o.next_attempt_at LIMIT $5)"
+								"   FROM walk w",
+								6, (Oid[]) {TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID, TIMESTAMPTZOID});
+
+	args[0] = CStringGetTextDatum(walk_from[0] ? walk_from[0] : "");
+	args[1] = CStringGetTextDatum(walk_from[1] ? walk_from[1] : "");
+	args[2] = CStringGetTextDatum(walk_from[2] ? walk_from[2] : "");
+	args[3] = Int32GetDatum(max_keys);
+	args[4] = Int32GetDatum(CLAIM_PER_KEY);
+	args[5] = TimestampTzGetDatum(now);
+	rc = SPI_execute_plan(walk_plan, args, NULL, true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not look for due meter events: %s", SPI_result_code_string(rc));
+	nkeys = SPI_processed;
+
+	for (i = 0; i < nkeys && *nids < limit; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *customer = SPI_getvalue(tup, desc, 1);
+		char	   *event_name = SPI_getvalue(tup, desc, 2);
+		char	   *account = SPI_getvalue(tup, desc, 3);
+		bool		isnull;
+		ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(tup, desc, 4, &isnull));
+		Datum	   *elems;
+		int			nelems;
+		int			take;
+		int			j;
+
+		deconstruct_array(arr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
+						  &elems, NULL, &nelems);
+		take = nelems == 0 ? 0 :
+			room(DeliveryBusyKey(account[0] ? account : NULL, event_name, customer),
+				 nelems >= CLAIM_PER_KEY);
+		for (j = 0; j < Min(take, nelems) && *nids < limit; j++)
+			ids[(*nids)++] = DatumGetInt64(elems[j]);
+		set_walk_from(customer, event_name, account);
+	}
+	if (nkeys < (uint64) max_keys && i == nkeys)
+	{
+		/* the last key was reached: the next walk starts at the first */
+		set_walk_from("", "", "");
+		return false;
+	}
+	return true;
+}
+
+/*
+ * DeliveryStoreClaim
+ *		Claim up to limit due events, and return their rows.
+ *
+ * Events are chosen key by key (account, event name, customer), walking on
+ * from where the last claim stopped, at most what room() allows per key:
+ * so a backlog for one customer and meter, however long, takes a few
+ * places in the worker's memory and never keeps other customers' events
+ * from being claimed.  Within a key, events go in the order they fell
+ * due.
+ *
+ * The claim marks them in flight and counts the attempt.  The events and
+ * what their rows hold (strings, payload) are allocated in batch->cxt and
+ * appended to the list claimed; the request itself is the sender's to
+ * build.  Returns how many.
+ */
+int
+DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
+				   dlist_head *claimed)
+{
+	int64	   *ids = palloc(sizeof(int64) * limit);
+	int			nids = 0;
+	int			max_keys = limit * 2;
+	TimestampTz now = GetCurrentTimestamp();
+	bool		from_start = (walk_from[0] == NULL || walk_from[0][0] == '\0');
+	Datum		idarr;
+	Datum	   *d;
+	int			rc;
+	int			i;
+	uint64		k;
 	MemoryContext old;
 
-	if (claim_plan == NULL)
-	{
-		Oid			types[1] = {INT4OID};
+	/* a walk that ends early goes round once more, from the first key */
+	if (!choose_due(limit, max_keys, now, room, ids, &nids) &&
+		!from_start && nids < limit)
+		(void) choose_due(limit, max_keys, now, room, ids, &nids);
+	if (nids == 0)
+		return 0;
 
+	if (claim_plan == NULL)
 		claim_plan = SpiPrepareSaved(
-								"WITH due AS ("
-								"  SELECT id FROM stripe_meter.outbox"
-								"   WHERE next_attempt_at <= pg_catalog.clock_timestamp()"
-								"     AND in_flight_since IS NULL"
-								"   ORDER BY next_attempt_at LIMIT $1"
-								"   FOR UPDATE SKIP LOCKED)"
+								"WITH c AS ("
 								" UPDATE stripe_meter.outbox o"
 								"    SET in_flight_since = pg_catalog.now(),"
+								"        sent_at = NULL,"
 								"        attempts = o.attempts + 1,"
 								"        first_attempt_at = COALESCE(o.first_attempt_at, pg_catalog.now())"
-								"   FROM due WHERE o.id = due.id"
+								"  WHERE o.id IN (SELECT id FROM stripe_meter.outbox"
+								"                  WHERE id = ANY ($1::bigint[])"
+								"                    AND in_flight_since IS NULL"
+								"                    FOR UPDATE SKIP LOCKED)"
 								" RETURNING o.id, o.identifier, o.event_name, o.payload, o.ts,"
 								"   o.stripe_account, o.customer, o.attempts, o.unknown_outcome_since,"
-								"   COALESCE((SELECT m.value_payload_key FROM stripe_meter.meters m"
-								"                         WHERE m.event_name = o.event_name), 'value')",
-								1, types);
-	}
+								"   COALESCE(o.value_payload_key,"
+								"            (SELECT m.value_payload_key FROM stripe_meter.meters m"
+								"              WHERE m.event_name = o.event_name), 'value'),"
+								"   o.canonical_value, o.legacy_idempotency_key, o.next_attempt_at)"
+								" SELECT * FROM c ORDER BY next_attempt_at, id",
+								1, (Oid[]) {INT8ARRAYOID});
+
+	d = palloc(sizeof(Datum) * nids);
+	for (i = 0; i < nids; i++)
+		d[i] = Int64GetDatum(ids[i]);
+	idarr = PointerGetDatum(int8_array(d, nids));
 
 	/*
 	 * The claim must be on disk before any of its events is sent, whatever
@@ -220,18 +380,18 @@ DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head, ClaimedEve
 	 */
 	(void) set_config_option("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_LOCAL, true, 0, false);
-	rc = SPI_execute_plan(claim_plan, &arg, NULL, false, 0);
-	if (rc != SPI_OK_UPDATE_RETURNING)
+	rc = SPI_execute_plan(claim_plan, &idarr, NULL, false, 0);
+	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "could not claim meter events: %s", SPI_result_code_string(rc));
 
 	old = MemoryContextSwitchTo(batch->cxt);
-	for (i = 0; i < SPI_processed; i++)
+	for (k = 0; k < SPI_processed; k++)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
+		HeapTuple	tup = SPI_tuptable->vals[k];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		ClaimedEvent *e = palloc0(sizeof(ClaimedEvent));
 		bool		isnull;
-		Datum		d;
+		Datum		v;
 
 		e->batch = batch;
 		e->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
@@ -241,30 +401,84 @@ DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head, ClaimedEve
 		e->stripe_account = SPI_getvalue(tup, desc, 6);
 		e->customer = SPI_getvalue(tup, desc, 7);
 		e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
-		d = SPI_getbinval(tup, desc, 9, &isnull);
-		e->unknown_outcome_since = isnull ? 0 : DatumGetTimestampTz(d);
-		if (stripe_meter_api_version == STRIPE_API_V2)
-			e->body = JsonEncodeMeterEvent(e->event_name,
-										   DatumGetJsonbP(SPI_getbinval(tup, desc, 4, &isnull)),
-										   e->identifier, e->ts,
-										   SPI_getvalue(tup, desc, 10));
-		else
-			e->body = FormEncodeMeterEvent(e->event_name,
-										   DatumGetJsonbP(SPI_getbinval(tup, desc, 4, &isnull)),
-										   e->identifier, e->ts,
-										   SPI_getvalue(tup, desc, 10));
-		e->idempotency_key = FormEncodeIdempotencyKey(e->identifier);
-		e->busy_key = busy_key_of(e->stripe_account, e->event_name, e->customer);
+		v = SPI_getbinval(tup, desc, 9, &isnull);
+		e->unknown_outcome_since = isnull ? 0 : DatumGetTimestampTz(v);
 
-		if (*tail)
-			(*tail)->next = e;
-		else
-			*head = e;
-		*tail = e;
+		/*
+		 * The request comes from the row alone: the value key and
+		 * canonical value were frozen at enqueue.  A row queued before
+		 * 0.2.0 has neither (canonical_value NULL); for it alone the claim
+		 * still reads the meter's current value key, as 0.1.0 did.  An
+		 * event attempted before 0.2.0 keeps its bare-identifier key.
+		 */
+		e->payload = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 4, &isnull));
+		e->value_key = SPI_getvalue(tup, desc, 10);
+		e->canonical_value = SPI_getvalue(tup, desc, 11);
+		e->legacy_idempotency_key = DatumGetBool(SPI_getbinval(tup, desc, 12, &isnull));
+		e->busy_key = DeliveryBusyKey(e->stripe_account, e->event_name, e->customer);
+
+		dlist_push_tail(claimed, &e->node);
 		batch->live++;
 	}
 	MemoryContextSwitchTo(old);
 	return (int) SPI_processed;
+}
+
+/*
+ * DeliveryStoreMarkSent
+ *		Record, durably, that the given claimed events are about to be
+ *		handed to the network, and set e->sent for each.  An event whose
+ *		row another transaction has locked is not marked (and must not be
+ *		sent now).  Returns how many were marked.
+ *
+ * Only a marked claim counts as an attempt that may have reached Stripe:
+ * after a crash, the repair step starts the resend clock for those alone
+ * and puts the others back as if never claimed.
+ */
+int
+DeliveryStoreMarkSent(ClaimedEvent **events, int n)
+{
+	static SPIPlanPtr mark_plan = NULL;
+	Datum	   *d = palloc(sizeof(Datum) * n);
+	int64	   *marked;
+	Datum		arg;
+	int			nmarked;
+	int			rc;
+	int			i;
+
+	if (n == 0)
+		return 0;
+	for (i = 0; i < n; i++)
+		d[i] = Int64GetDatum(events[i]->id);
+	arg = PointerGetDatum(int8_array(d, n));
+	if (mark_plan == NULL)
+		mark_plan = SpiPrepareSaved("UPDATE stripe_meter.outbox o"
+									"   SET sent_at = COALESCE(o.sent_at, pg_catalog.now())"
+									" WHERE o.id IN (SELECT id FROM stripe_meter.outbox"
+									"                 WHERE id = ANY ($1::bigint[])"
+									"                   FOR UPDATE SKIP LOCKED)"
+									" RETURNING o.id",
+									1, (Oid[]) {INT8ARRAYOID});
+	/* on disk before the first byte goes out, as the claim is */
+	(void) set_config_option("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+	rc = SPI_execute_plan(mark_plan, &arg, NULL, false, 0);
+	if (rc != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "could not mark meter events sent: %s", SPI_result_code_string(rc));
+	nmarked = (int) SPI_processed;
+	marked = palloc(sizeof(int64) * Max(nmarked, 1));
+	for (i = 0; i < nmarked; i++)
+	{
+		bool		isnull;
+
+		marked[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+												SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	qsort(marked, nmarked, sizeof(int64), cmp_int64);
+	for (i = 0; i < n; i++)
+		events[i]->sent = (bsearch(&events[i]->id, marked, nmarked, sizeof(int64),
+								   cmp_int64) != NULL);
+	return nmarked;
 }
 
 static ArrayType *
@@ -316,7 +530,7 @@ cmp_int64(const void *a, const void *b)
  * nothing.  Returns how many were deferred.
  */
 static int
-lock_rows(ClaimedEvent *list, int n)
+lock_rows(ClaimedEvent **events, int n)
 {
 	Datum	   *ids = palloc(sizeof(Datum) * n);
 	int64	   *locked;
@@ -324,15 +538,14 @@ lock_rows(ClaimedEvent *list, int n)
 	int			nlocked;
 	int			nmissing = 0;
 	int			ndeferred = 0;
-	int			i = 0;
-	ClaimedEvent *e;
+	int			i;
 	Datum		arg;
 	int			rc;
 	static SPIPlanPtr lock_plan = NULL;
 	static SPIPlanPtr exists_plan = NULL;
 
-	for (e = list; e; e = e->next)
-		ids[i++] = Int64GetDatum(e->id);
+	for (i = 0; i < n; i++)
+		ids[i] = Int64GetDatum(events[i]->id);
 	arg = PointerGetDatum(int8_array(ids, n));
 	if (lock_plan == NULL)
 		lock_plan = SpiPrepareSaved("SELECT id FROM stripe_meter.outbox"
@@ -379,8 +592,10 @@ lock_rows(ClaimedEvent *list, int n)
 		qsort(missing, nmissing, sizeof(int64), cmp_int64);
 	}
 
-	for (e = list; e; e = e->next)
+	for (i = 0; i < n; i++)
 	{
+		ClaimedEvent *e = events[i];
+
 		if (bsearch(&e->id, locked, nlocked, sizeof(int64), cmp_int64) != NULL ||
 			(nmissing > 0 &&
 			 bsearch(&e->id, missing, nmissing, sizeof(int64), cmp_int64) != NULL))
@@ -393,24 +608,24 @@ lock_rows(ClaimedEvent *list, int n)
 
 /*
  * DeliveryStoreRecord
- *		Record the outcome of every event in the list, set-wise: delivered
+ *		Record the outcome of the n events given, set-wise: delivered
  *		events move to meter_events with Stripe's object, failed ones to
  *		failed_events with the reason, retried ones go back to the queue
- *		with their next attempt time, released ones as if never claimed.
+ *		due at the time the caller chose (e->next_attempt_at), released ones
+ *		as if never claimed.
  *		An event whose row another transaction has locked is left out and
  *		marked record_deferred; *deferred says how many.  Returns when the
  *		first rescheduled event is due, or 0.
  */
 TimestampTz
-DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
+DeliveryStoreRecord(ClaimedEvent **events, int n, int *deferred)
 {
 	TimestampTz earliest = 0;
-	int			n = 0;
+	int			i;
 	int			nd = 0,
 				nf = 0,
 				nr = 0,
 				nl = 0;
-	ClaimedEvent *e;
 	Datum	   *d_id,
 			   *d_obj,
 			   *d_how,
@@ -423,7 +638,8 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 			   *f_reason,
 			   *f_status,
 			   *f_err,
-			   *f_req;
+			   *f_req,
+			   *f_maybe;
 	bool	   *f_statusn,
 			   *f_errn,
 			   *f_reqn;
@@ -437,18 +653,14 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 	Datum	   *l_id,
 			   *l_next;
 	bool	   *l_nextn;
-	TimestampTz now = GetCurrentTimestamp();
 	int			rc;
 
 	*deferred = 0;
-	for (e = list; e; e = e->next)
-	{
-		e->record_deferred = false;
-		n++;
-	}
+	for (i = 0; i < n; i++)
+		events[i]->record_deferred = false;
 	if (n == 0)
 		return 0;
-	*deferred = lock_rows(list, n);
+	*deferred = lock_rows(events, n);
 
 	d_id = palloc(sizeof(Datum) * n);
 	d_obj = palloc(sizeof(Datum) * n);
@@ -466,6 +678,7 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 	f_statusn = palloc(sizeof(bool) * n);
 	f_errn = palloc(sizeof(bool) * n);
 	f_reqn = palloc(sizeof(bool) * n);
+	f_maybe = palloc(sizeof(Datum) * n);
 	r_id = palloc(sizeof(Datum) * n);
 	r_next = palloc(sizeof(Datum) * n);
 	r_status = palloc(sizeof(Datum) * n);
@@ -477,8 +690,9 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 	l_next = palloc(sizeof(Datum) * n);
 	l_nextn = palloc(sizeof(bool) * n);
 
-	for (e = list; e; e = e->next)
+	for (i = 0; i < n; i++)
 	{
+		ClaimedEvent *e = events[i];
 		DeliveryOutcome *o = &e->outcome;
 
 		if (e->record_deferred)
@@ -500,19 +714,14 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 				f_statusn[nf] = (o->http_status == 0);
 				f_err[nf] = text_or_null(o->response_json, &f_errn[nf]);
 				f_req[nf] = text_or_null(o->request_id, &f_reqn[nf]);
+				f_maybe[nf] = BoolGetDatum(o->maybe_billed);
 				nf++;
 				break;
 			case VERDICT_RETRY:
 			case VERDICT_PAUSE:
-				{
-					TimestampTz next_at = o->not_before != 0 ? o->not_before :
-					o->verdict == VERDICT_PAUSE ? now :
-					TimestampTzPlusMilliseconds(now, DeliveryBackoffMs(e->attempts));
-
-					if (earliest == 0 || next_at < earliest)
-						earliest = next_at;
-					r_next[nr] = TimestampTzGetDatum(next_at);
-				}
+				if (earliest == 0 || e->next_attempt_at < earliest)
+					earliest = e->next_attempt_at;
+				r_next[nr] = TimestampTzGetDatum(e->next_attempt_at);
 				r_id[nr] = Int64GetDatum(e->id);
 				r_status[nr] = Int32GetDatum((int32) o->http_status);
 				r_statusn[nr] = (o->http_status == 0);
@@ -566,37 +775,50 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 		rc = SPI_execute_plan(delivered_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not record delivered meter events: %s", SPI_result_code_string(rc));
+		/* the rows inserted: an identifier already delivered adds nothing */
+		CountersDelivered((int64) SPI_processed);
 	}
 
 	if (nf > 0)
 	{
-		Datum		args[5];
+		Datum		args[6];
 
 		if (failed_plan == NULL)
 		{
-			Oid			types[5] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+			Oid			types[6] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, BOOLARRAYOID};
 
+			/*
+			 * unknown_outcome_since goes along (from this attempt when it
+			 * is the one that may have billed), so that a retry of the
+			 * event still respects stripe_meter.resend_window
+			 */
 			failed_plan = SpiPrepareSaved(
-									 "WITH r AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::int[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::text[]))"
-									 "             AS r(id, reason, http_status, stripe_error, request_id)),"
+									 "WITH r AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::int[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::bool[]))"
+									 "             AS r(id, reason, http_status, stripe_error, request_id, maybe_billed)),"
 									 " d AS (DELETE FROM stripe_meter.outbox o USING r WHERE o.id = r.id"
 									 "       RETURNING o.identifier, o.event_name, o.payload, o.ts, o.stripe_account,"
 									 "                 o.customer, o.enqueued_at, o.first_attempt_at, o.attempts,"
-									 "                 r.reason, r.http_status, r.stripe_error, r.request_id)"
+									 "                 r.reason, r.http_status, r.stripe_error, r.request_id, r.maybe_billed,"
+									 "                 CASE WHEN r.maybe_billed"
+									 "                   THEN COALESCE(o.unknown_outcome_since, o.in_flight_since)"
+									 "                   ELSE o.unknown_outcome_since END AS unknown_outcome_since)"
 									 " INSERT INTO stripe_meter.failed_events"
 									 "  (identifier, event_name, payload, ts, stripe_account, customer, reason,"
-									 "   http_status, stripe_error, request_id, enqueued_at, first_attempt_at, attempts)"
+									 "   http_status, stripe_error, request_id, enqueued_at, first_attempt_at, attempts,"
+									 "   maybe_billed, unknown_outcome_since)"
 									 " SELECT identifier, event_name, payload, ts, stripe_account, customer, reason,"
-									 "        http_status, stripe_error::jsonb, request_id, enqueued_at, first_attempt_at, attempts"
+									 "        http_status, stripe_error::jsonb, request_id, enqueued_at, first_attempt_at, attempts,"
+									 "        maybe_billed, unknown_outcome_since"
 									 "   FROM d"
 									 " ON CONFLICT (identifier) DO NOTHING",
-									 5, types);
+									 6, types);
 		}
 		args[0] = PointerGetDatum(int8_array(f_id, nf));
 		args[1] = PointerGetDatum(text_array(f_reason, NULL, nf));
 		args[2] = PointerGetDatum(simple_array(f_status, f_statusn, nf, INT4OID, 4, true, TYPALIGN_INT));
 		args[3] = PointerGetDatum(text_array(f_err, f_errn, nf));
 		args[4] = PointerGetDatum(text_array(f_req, f_reqn, nf));
+		args[5] = PointerGetDatum(simple_array(f_maybe, NULL, nf, BOOLOID, 1, true, TYPALIGN_CHAR));
 		rc = SPI_execute_plan(failed_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not record failed meter events: %s", SPI_result_code_string(rc));
@@ -613,11 +835,12 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 			retry_plan = SpiPrepareSaved(
 									"UPDATE stripe_meter.outbox o"
 									"   SET in_flight_since = NULL,"
+									"       sent_at = NULL,"
 									"       next_attempt_at = r.next_at,"
 									"       last_http_status = r.http_status,"
 									"       last_error = r.reason,"
 									"       unknown_outcome_since = CASE WHEN r.unknown"
-									"         THEN COALESCE(o.unknown_outcome_since, o.in_flight_since)"
+									"         THEN COALESCE(o.unknown_outcome_since, o.sent_at, o.in_flight_since)"
 									"         ELSE o.unknown_outcome_since END"
 									"  FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::timestamptz[]), pg_catalog.unnest($3::int[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::bool[]))"
 									"       AS r(id, next_at, http_status, reason, unknown)"
@@ -643,15 +866,24 @@ DeliveryStoreRecord(ClaimedEvent *list, int *deferred)
 			Oid			types[2] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID};
 
 			/*
-			 * never sent: undo the claim's attempt count; due again as
-			 * before, or later when its account is paused
+			 * never sent: undo the claim's attempt count, and its
+			 * first_attempt_at if this claim set it (a retried failed event
+			 * keeps the one of its earlier life); due again as before, or
+			 * later when its account is paused.  (One marked sent is never
+			 * released; should it be, its outcome is unknown.)
 			 */
 			release_plan = SpiPrepareSaved(
 									  "UPDATE stripe_meter.outbox o"
 									  "   SET in_flight_since = NULL,"
-									  "       attempts = o.attempts - 1,"
-									  "       first_attempt_at = CASE WHEN o.attempts = 1 THEN NULL"
-									  "                          ELSE o.first_attempt_at END,"
+									  "       sent_at = NULL,"
+									  "       unknown_outcome_since = CASE WHEN o.sent_at IS NULL"
+									  "         THEN o.unknown_outcome_since"
+									  "         ELSE COALESCE(o.unknown_outcome_since, o.sent_at) END,"
+									  "       attempts = CASE WHEN o.sent_at IS NULL"
+									  "         THEN o.attempts - 1 ELSE o.attempts END,"
+									  "       first_attempt_at = CASE WHEN o.sent_at IS NULL"
+									  "                               AND o.first_attempt_at = o.in_flight_since"
+									  "         THEN NULL ELSE o.first_attempt_at END,"
 									  "       next_attempt_at = COALESCE(r.next_at, o.next_attempt_at)"
 									  "  FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::timestamptz[]))"
 									  "       AS r(id, next_at)"
@@ -694,28 +926,6 @@ DeliveryStorePurgeDelivered(void)
 	if (rc != SPI_OK_DELETE)
 		elog(ERROR, "could not purge delivered meter events: %s", SPI_result_code_string(rc));
 	return (int64) SPI_processed;
-}
-
-/*
- * DeliveryBackoffMs
- *		Capped exponential backoff with jitter, as Stripe's SDKs do it:
- *		min_delay doubling per attempt up to max_delay, then a random half
- *		to whole of that, never below min_delay.
- */
-int
-DeliveryBackoffMs(int attempts)
-{
-	double		delay = stripe_meter_retry_min_delay;
-	int			i;
-
-	for (i = 1; i < attempts && delay < stripe_meter_retry_max_delay; i++)
-		delay *= 2;
-	if (delay > stripe_meter_retry_max_delay)
-		delay = stripe_meter_retry_max_delay;
-	delay *= 0.5 * (1.0 + pg_prng_double(&pg_global_prng_state));
-	if (delay < stripe_meter_retry_min_delay)
-		delay = stripe_meter_retry_min_delay;
-	return (int) delay;
 }
 
 /*

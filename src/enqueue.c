@@ -1,15 +1,17 @@
 /*-------------------------------------------------------------------------
  *
  * enqueue.c
- *	  The SQL-callable enqueue surface: stripe_meter_event_create(), the
- *	  outbox's validation trigger, the trigger helper users attach to their
- *	  own tables, and stripe_meter_retry_failed().
+ *	  The enqueue side's rules: what the outbox's validation trigger does
+ *	  to each row, how the trigger helper turns a user's row into an
+ *	  event, and which failed events stripe_meter_retry_failed() queues
+ *	  again.  Their SQL-callable entry points are in sql_functions.c, their
+ *	  SQL in store_outbox.c and store_probe.c.
  *
  * Every path into the outbox ends in one INSERT, and every INSERT passes
- * through stripe_meter_outbox_before_insert(), so the function, the trigger
- * helper and an application's direct INSERT are validated by the same code
- * and fail with the same errors.  Nothing here needs the library to be
- * preloaded: enqueueing never depends on the worker being up.
+ * through the validation trigger (EnqueueOutboxRow), so the function, the
+ * trigger helper and an application's direct INSERT are validated by the
+ * same code and fail with the same errors.  Nothing here needs the library
+ * to be preloaded: enqueueing never depends on the worker being up.
  *
  * Copyright (c) 2026, stripe_meter developers
  *
@@ -21,83 +23,103 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
-#include "executor/spi.h"
+#include "nodes/pg_list.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "stripe_meter.h"
 
-PG_FUNCTION_INFO_V1(stripe_meter_event_create);
-PG_FUNCTION_INFO_V1(stripe_meter_outbox_before_insert);
-PG_FUNCTION_INFO_V1(stripe_meter_event_trigger);
-PG_FUNCTION_INFO_V1(stripe_meter_retry_failed);
-
-static char *text_arg_or_null(FunctionCallInfo fcinfo, int argno);
+static int	attnum_of(TupleDesc desc, const char *column);
+static char *column_text(HeapTuple tuple, TupleDesc desc, int attnum);
 static int	column_number(Relation rel, const char *column, const char *role);
 static TimestampTz column_as_timestamptz(HeapTuple tuple, TupleDesc desc,
 										 int attnum, const char *column);
 static void append_json_value(StringInfo buf, HeapTuple tuple, TupleDesc desc,
 							  int attnum);
 
-static char *
-text_arg_or_null(FunctionCallInfo fcinfo, int argno)
-{
-	if (PG_ARGISNULL(argno))
-		return NULL;
-	return text_to_cstring(PG_GETARG_TEXT_PP(argno));
-}
-
 /*
- * stripe_meter_event_create(event_name, payload, identifier, ts, stripe_account)
- *
- * Queue one event in the caller's transaction and return its identifier.
- * A NULL identifier becomes a new UUID and a NULL ts the wall-clock time of
- * the call (clock_timestamp()), both fixed now so every later attempt sends
- * the same values.
+ * The payload keys of a probed meter row, or Stripe's defaults when the
+ * event name has none.
  */
-Datum
-stripe_meter_event_create(PG_FUNCTION_ARGS)
+static void
+meter_keys(const EnqueueMeter *meter, char **customer_key, char **value_key)
 {
-	char	   *event_name = text_arg_or_null(fcinfo, 0);
-	Jsonb	   *payload = PG_ARGISNULL(1) ? NULL : PG_GETARG_JSONB_P(1);
-	char	   *identifier = text_arg_or_null(fcinfo, 2);
-	TimestampTz ts = PG_ARGISNULL(3) ? 0 : PG_GETARG_TIMESTAMPTZ(3);
-	char	   *account = text_arg_or_null(fcinfo, 4);
-	text	   *result;
-
-	SPI_connect();
-	result = OutboxInsertEvent(event_name, payload, identifier,
-							   PG_ARGISNULL(3) ? NULL : &ts, account);
-	SPI_finish();
-
-	PG_RETURN_TEXT_P(result);
+	if (meter->found)
+	{
+		*customer_key = meter->customer_key;
+		*value_key = meter->value_key;
+	}
+	else
+	{
+		*customer_key = pstrdup(DEFAULT_CUSTOMER_KEY);
+		*value_key = pstrdup(DEFAULT_VALUE_KEY);
+	}
 }
 
 /*
- * stripe_meter_outbox_before_insert()
- *		BEFORE INSERT row trigger on stripe_meter.outbox.
+ * Refuse an identifier that is queued, delivered or failed already.
+ *
+ * Stripe would answer a repeat within its window with "An event already
+ * exists"; past that window it would bill the event a second time.  Either
+ * way the user's intent is ambiguous, so the enqueue fails instead.  The
+ * unique index on the outbox still guards concurrent inserts.
+ */
+static void
+check_identifier_unused(const char *identifier)
+{
+	switch (StoreProbeIdentifier(identifier))
+	{
+		case ENQUEUE_ID_UNUSED:
+			return;
+		case ENQUEUE_ID_QUEUED:
+			ereport(ERROR,
+					(errcode(ERRCODE_UNIQUE_VIOLATION),
+					 errmsg("meter event identifier \"%s\" is already queued", identifier),
+					 errdetail("Stripe bills each identifier once; a second event needs its own identifier.")));
+			break;
+		case ENQUEUE_ID_DELIVERED:
+			ereport(ERROR,
+					(errcode(ERRCODE_UNIQUE_VIOLATION),
+					 errmsg("meter event identifier \"%s\" was already delivered", identifier),
+					 errdetail("Stripe bills each identifier once; a second event needs its own identifier.")));
+			break;
+		case ENQUEUE_ID_FAILED:
+			ereport(ERROR,
+					(errcode(ERRCODE_UNIQUE_VIOLATION),
+					 errmsg("meter event identifier \"%s\" belongs to a failed event", identifier),
+					 errhint("Queue it again with stripe_meter_retry_failed('%s'), or delete it from stripe_meter.failed_events first.",
+							 identifier)));
+			break;
+	}
+}
+
+/*
+ * EnqueueOutboxRow
+ *		What the outbox's BEFORE INSERT row trigger does to a new row:
+ *		returns the row to insert.
  *
  * Fills in the identifier and timestamp when they are NULL, validates the
  * event against its meter's payload keys, refuses identifiers already used,
- * records the customer for the worker's one-call-per-customer rule, and
- * asks for the worker to be woken when the transaction commits.  Runs as
- * the extension's owner (SECURITY DEFINER), so a role that may only INSERT
- * is checked against tables it cannot read.
+ * records the customer for the worker's one-call-per-customer rule, freezes
+ * the meter's value key and the canonical value the request will send, and
+ * asks for the worker to be woken when the transaction commits.  The
+ * trigger runs as the extension's owner (SECURITY DEFINER), so a role that
+ * may only INSERT is checked against tables it cannot read.
  */
-Datum
-stripe_meter_outbox_before_insert(PG_FUNCTION_ARGS)
+HeapTuple
+EnqueueOutboxRow(Relation rel, HeapTuple tuple)
 {
-	TriggerData *trigdata = (TriggerData *) fcinfo->context;
-	Relation	rel;
-	TupleDesc	desc;
-	HeapTuple	tuple;
+	TupleDesc	desc = RelationGetDescr(rel);
 	MeterEventInput event;
 	EnqueueMeter meter;
 	bool		identifier_generated;
@@ -107,25 +129,23 @@ stripe_meter_outbox_before_insert(PG_FUNCTION_ARGS)
 				att_ts,
 				att_account,
 				att_customer,
-				att_enqueued_at;
+				att_enqueued_at,
+				att_value_key,
+				att_canonical,
+				att_legacy_key,
+				att_first_attempt;
 	bool		isnull;
 	Datum		d;
 	char	   *customer_key;
 	char	   *value_key;
 	char	   *customer;
-	int			cols[3];
-	Datum		vals[3];
-	bool		nulls[3] = {false, false, false};
-
-	if (!CALLED_AS_TRIGGER(fcinfo) ||
-		!TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
-		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
-		!TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
-		elog(ERROR, "stripe_meter_outbox_before_insert must be a BEFORE INSERT row trigger");
-
-	rel = trigdata->tg_relation;
-	desc = RelationGetDescr(rel);
-	tuple = trigdata->tg_trigtuple;
+	char	   *given_value_key = NULL;
+	bool		attempted;
+	bool		can_freeze;
+	int			cols[6];
+	Datum		vals[6];
+	bool		nulls[6] = {false, false, false, false, false, false};
+	int			ncols = 3;
 
 	att_identifier = column_number(rel, "identifier", NULL);
 	att_event_name = column_number(rel, "event_name", NULL);
@@ -134,27 +154,54 @@ stripe_meter_outbox_before_insert(PG_FUNCTION_ARGS)
 	att_account = column_number(rel, "stripe_account", NULL);
 	att_customer = column_number(rel, "customer", NULL);
 	att_enqueued_at = column_number(rel, "enqueued_at", NULL);
+	att_first_attempt = column_number(rel, "first_attempt_at", NULL);
+
+	/*
+	 * Before ALTER EXTENSION ... UPDATE to 0.2.0 the outbox has no columns
+	 * to freeze the request in; events are still queued, and the worker
+	 * treats them as any event queued before 0.2.0.
+	 */
+	att_value_key = attnum_of(desc, "value_payload_key");
+	att_canonical = attnum_of(desc, "canonical_value");
+	att_legacy_key = attnum_of(desc, "legacy_idempotency_key");
+	can_freeze = att_value_key > 0 && att_canonical > 0 && att_legacy_key > 0;
 
 	memset(&event, 0, sizeof(event));
-	d = SPI_getbinval(tuple, desc, att_event_name, &isnull);
+	d = heap_getattr(tuple, att_event_name, desc, &isnull);
 	event.event_name = isnull ? NULL : TextDatumGetCString(d);
-	d = SPI_getbinval(tuple, desc, att_payload, &isnull);
+	d = heap_getattr(tuple, att_payload, desc, &isnull);
 	event.payload = isnull ? NULL : DatumGetJsonbP(d);
-	d = SPI_getbinval(tuple, desc, att_identifier, &isnull);
+	d = heap_getattr(tuple, att_identifier, desc, &isnull);
 	identifier_generated = isnull;
 	event.identifier = isnull ? MeterEventNewIdentifier() : TextDatumGetCString(d);
-	d = SPI_getbinval(tuple, desc, att_enqueued_at, &isnull);
+	d = heap_getattr(tuple, att_enqueued_at, desc, &isnull);
 	event.reference_time = isnull ? GetCurrentTimestamp() : DatumGetTimestampTz(d);
-	d = SPI_getbinval(tuple, desc, att_ts, &isnull);
+	d = heap_getattr(tuple, att_ts, desc, &isnull);
 	event.ts = isnull ? GetCurrentTimestamp() : DatumGetTimestampTz(d);
-	d = SPI_getbinval(tuple, desc, att_account, &isnull);
+	d = heap_getattr(tuple, att_account, desc, &isnull);
 	event.stripe_account = isnull ? NULL : TextDatumGetCString(d);
 
 	if (event.event_name == NULL)
 		(void) MeterEventValidate(&event);	/* reports the NULL */
 
-	EnqueueProbeMeter(event.event_name, &meter);	/* enqueue_probe.c */
-	OutboxMeterKeys(&meter, &customer_key, &value_key);
+	/*
+	 * A row that arrives already attempted (a restored dump) was sent with
+	 * the value key, value and Idempotency-Key frozen in it: a resend must
+	 * repeat them, so they are kept.  Anything else is frozen now.
+	 */
+	(void) heap_getattr(tuple, att_first_attempt, desc, &attempted);
+	attempted = !attempted;
+	if (attempted && can_freeze)
+	{
+		d = heap_getattr(tuple, att_value_key, desc, &isnull);
+		if (!isnull)
+			given_value_key = TextDatumGetCString(d);
+	}
+
+	StoreProbeMeter(event.event_name, &meter);
+	meter_keys(&meter, &customer_key, &value_key);
+	if (given_value_key != NULL)
+		value_key = given_value_key;
 	event.customer_key = customer_key;
 	event.value_key = value_key;
 	customer = MeterEventValidate(&event);
@@ -166,7 +213,7 @@ stripe_meter_outbox_before_insert(PG_FUNCTION_ARGS)
 	 * the cost of an enqueue.  The outbox's unique index still guards it.
 	 */
 	if (!identifier_generated)
-		OutboxCheckIdentifierUnused(event.identifier);
+		check_identifier_unused(event.identifier);
 
 	cols[0] = att_identifier;
 	vals[0] = CStringGetTextDatum(event.identifier);
@@ -174,11 +221,60 @@ stripe_meter_outbox_before_insert(PG_FUNCTION_ARGS)
 	vals[1] = TimestampTzGetDatum(event.ts);
 	cols[2] = att_customer;
 	vals[2] = CStringGetTextDatum(customer);
-	tuple = heap_modify_tuple_by_cols(tuple, desc, 3, cols, vals, nulls);
+	if (!attempted && can_freeze)
+	{
+		/*
+		 * Freeze what the request depends on besides the columns above: the
+		 * meter's value key and the value's canonical text, so that a meter
+		 * sync or an UPDATE of stripe_meter.meters before a resend cannot
+		 * change the body sent under the same Idempotency-Key; and the key
+		 * scheme, which for a new event is never the pre-0.2.0 one.
+		 */
+		cols[3] = att_value_key;
+		vals[3] = CStringGetTextDatum(value_key);
+		cols[4] = att_canonical;
+		vals[4] = CStringGetTextDatum(MeterEventCanonicalValue(event.payload,
+																value_key));
+		cols[5] = att_legacy_key;
+		vals[5] = BoolGetDatum(false);
+		ncols = 6;
+	}
+	tuple = heap_modify_tuple_by_cols(tuple, desc, ncols, cols, vals, nulls);
 
 	StripeMeterWakeAtCommit();
 
-	return PointerGetDatum(tuple);
+	return tuple;
+}
+
+/* the attribute number of a live user column by name, or 0 */
+static int
+attnum_of(TupleDesc desc, const char *column)
+{
+	int			i;
+
+	for (i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+
+		if (!att->attisdropped && namestrcmp(&att->attname, column) == 0)
+			return i + 1;
+	}
+	return 0;
+}
+
+/* a column's value in its type's text form, or NULL */
+static char *
+column_text(HeapTuple tuple, TupleDesc desc, int attnum)
+{
+	bool		isnull;
+	Datum		d = heap_getattr(tuple, attnum, desc, &isnull);
+	Oid			output;
+	bool		varlena;
+
+	if (isnull)
+		return NULL;
+	getTypeOutputInfo(TupleDescAttr(desc, attnum - 1)->atttypid, &output, &varlena);
+	return OidOutputFunctionCall(output, d);
 }
 
 /*
@@ -188,9 +284,9 @@ stripe_meter_outbox_before_insert(PG_FUNCTION_ARGS)
 static int
 column_number(Relation rel, const char *column, const char *role)
 {
-	int			attnum = SPI_fnumber(RelationGetDescr(rel), column);
+	int			attnum = attnum_of(RelationGetDescr(rel), column);
 
-	if (attnum == SPI_ERROR_NOATTRIBUTE || attnum <= 0)
+	if (attnum <= 0)
 	{
 		if (role == NULL)
 			elog(ERROR, "column \"%s\" is missing from \"%s\"",
@@ -204,28 +300,27 @@ column_number(Relation rel, const char *column, const char *role)
 }
 
 /*
- * stripe_meter_event_trigger(event_name, customer_column, value_column
- *							  [, identifier_column [, timestamp_column]])
- *		Row trigger users attach to their own tables: one event per row.
+ * EnqueueUserRow
+ *		What the trigger helper users attach to their own tables
+ *		(stripe_meter_event_trigger(event_name, customer_column,
+ *		value_column [, identifier_column [, timestamp_column]])) does with
+ *		one row of theirs: queue its event.
  *
  * The payload is built under the meter's keys from the customer and value
  * columns; the optional columns give the identifier (a NULL there means a
  * new UUID) and the event's time.  The event is queued in the same
  * transaction as the row, through the outbox's validation.
  */
-Datum
-stripe_meter_event_trigger(PG_FUNCTION_ARGS)
+void
+EnqueueUserRow(Trigger *trigger, Relation rel, HeapTuple tuple)
 {
-	TriggerData *trigdata = (TriggerData *) fcinfo->context;
-	Trigger    *trigger;
-	Relation	rel;
-	TupleDesc	desc;
-	HeapTuple	tuple;
-	char	  **args;
+	TupleDesc	desc = RelationGetDescr(rel);
+	char	  **args = trigger->tgargs;
 	int			att_customer,
 				att_value,
 				att_identifier = 0,
 				att_ts = 0;
+	EnqueueMeter meter;
 	char	   *customer_key;
 	char	   *value_key;
 	char	   *identifier = NULL;
@@ -235,37 +330,6 @@ stripe_meter_event_trigger(PG_FUNCTION_ARGS)
 	StringInfoData json;
 	Jsonb	   *payload;
 
-	if (!CALLED_AS_TRIGGER(fcinfo))
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("stripe_meter_event_trigger can only be called as a trigger")));
-	if (!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("stripe_meter_event_trigger must be fired for each row"),
-				 errhint("Create the trigger with FOR EACH ROW.")));
-	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
-		tuple = trigdata->tg_trigtuple;
-	else if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
-		tuple = trigdata->tg_newtuple;
-	else
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("stripe_meter_event_trigger must be fired by INSERT or UPDATE"),
-				 errdetail("A deleted row carries no new usage to bill.")));
-
-	trigger = trigdata->tg_trigger;
-	rel = trigdata->tg_relation;
-	desc = RelationGetDescr(rel);
-	args = trigger->tgargs;
-
-	if (trigger->tgnargs < 3 || trigger->tgnargs > 5)
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("trigger \"%s\" passes %d arguments to stripe_meter_event_trigger",
-						trigger->tgname, trigger->tgnargs),
-				 errdetail("The arguments are the event name, the customer column and the value column, then optionally the identifier column and the timestamp column.")));
-
 	att_customer = column_number(rel, args[1], "customer");
 	att_value = column_number(rel, args[2], "value");
 	if (trigger->tgnargs >= 4)
@@ -273,14 +337,14 @@ stripe_meter_event_trigger(PG_FUNCTION_ARGS)
 	if (trigger->tgnargs == 5)
 		att_ts = column_number(rel, args[4], "timestamp");
 
-	(void) SPI_getbinval(tuple, desc, att_customer, &isnull);
+	(void) heap_getattr(tuple, att_customer, desc, &isnull);
 	if (isnull)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("customer column \"%s\" is null", args[1]),
 				 errdetail("Trigger \"%s\" on table \"%s\" bills each row to the customer in that column.",
 						   trigger->tgname, RelationGetRelationName(rel))));
-	(void) SPI_getbinval(tuple, desc, att_value, &isnull);
+	(void) heap_getattr(tuple, att_value, desc, &isnull);
 	if (isnull)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -288,10 +352,10 @@ stripe_meter_event_trigger(PG_FUNCTION_ARGS)
 				 errdetail("Trigger \"%s\" on table \"%s\" bills each row the usage in that column.",
 						   trigger->tgname, RelationGetRelationName(rel))));
 	if (att_identifier > 0)
-		identifier = SPI_getvalue(tuple, desc, att_identifier);
+		identifier = column_text(tuple, desc, att_identifier);
 	if (att_ts > 0)
 	{
-		(void) SPI_getbinval(tuple, desc, att_ts, &isnull);
+		(void) heap_getattr(tuple, att_ts, desc, &isnull);
 		if (!isnull)
 		{
 			ts = column_as_timestamptz(tuple, desc, att_ts, args[4]);
@@ -299,14 +363,14 @@ stripe_meter_event_trigger(PG_FUNCTION_ARGS)
 		}
 	}
 
-	SPI_connect();
-	OutboxLookupMeterKeys(args[0], &customer_key, &value_key);
+	StoreProbeMeter(args[0], &meter);
+	meter_keys(&meter, &customer_key, &value_key);
 
 	initStringInfo(&json);
 	appendStringInfoChar(&json, '{');
 	escape_json(&json, customer_key);
 	appendStringInfoChar(&json, ':');
-	escape_json(&json, SPI_getvalue(tuple, desc, att_customer));
+	escape_json(&json, column_text(tuple, desc, att_customer));
 	appendStringInfoChar(&json, ',');
 	escape_json(&json, value_key);
 	appendStringInfoChar(&json, ':');
@@ -314,14 +378,8 @@ stripe_meter_event_trigger(PG_FUNCTION_ARGS)
 	appendStringInfoChar(&json, '}');
 	payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(json.data)));
 
-	(void) OutboxInsertEvent(args[0], payload, identifier,
-							 have_ts ? &ts : NULL, NULL);
-	SPI_finish();
-
-	/* BEFORE and INSTEAD OF row triggers pass the row on unchanged */
-	if (TRIGGER_FIRED_AFTER(trigdata->tg_event))
-		return PointerGetDatum(NULL);
-	return PointerGetDatum(tuple);
+	(void) StoreOutboxInsertEvent(args[0], payload, identifier,
+								  have_ts ? &ts : NULL, NULL);
 }
 
 /*
@@ -332,8 +390,8 @@ stripe_meter_event_trigger(PG_FUNCTION_ARGS)
 static void
 append_json_value(StringInfo buf, HeapTuple tuple, TupleDesc desc, int attnum)
 {
-	Oid			type = getBaseType(SPI_gettypeid(desc, attnum));
-	char	   *text = SPI_getvalue(tuple, desc, attnum);
+	Oid			type = getBaseType(TupleDescAttr(desc, attnum - 1)->atttypid);
+	char	   *text = column_text(tuple, desc, attnum);
 
 	switch (type)
 	{
@@ -359,9 +417,10 @@ append_json_value(StringInfo buf, HeapTuple tuple, TupleDesc desc, int attnum)
 static TimestampTz
 column_as_timestamptz(HeapTuple tuple, TupleDesc desc, int attnum, const char *column)
 {
-	Oid			type = getBaseType(SPI_gettypeid(desc, attnum));
+	Oid			column_type = TupleDescAttr(desc, attnum - 1)->atttypid;
+	Oid			type = getBaseType(column_type);
 	bool		isnull;
-	Datum		d = SPI_getbinval(tuple, desc, attnum, &isnull);
+	Datum		d = heap_getattr(tuple, attnum, desc, &isnull);
 
 	switch (type)
 	{
@@ -375,25 +434,125 @@ column_as_timestamptz(HeapTuple tuple, TupleDesc desc, int attnum, const char *c
 			ereport(ERROR,
 					(errcode(ERRCODE_DATATYPE_MISMATCH),
 					 errmsg("timestamp column \"%s\" has type %s", column,
-							format_type_be(SPI_gettypeid(desc, attnum))),
+							format_type_be(column_type)),
 					 errdetail("The event time must come from a timestamptz, timestamp or date column.")));
 	}
 	return 0;					/* keep compiler quiet */
 }
 
 /*
- * stripe_meter_retry_failed(identifier)
- *		Queue failed events again: the one named, or all when NULL.
+ * Move one failed event back into the outbox, or raise why not.
  */
-Datum
-stripe_meter_retry_failed(PG_FUNCTION_ARGS)
+static void
+retry_one(const char *identifier, bool history)
 {
-	char	   *identifier = text_arg_or_null(fcinfo, 0);
-	int64		n;
+	if (!StoreOutboxRequeueFailed(identifier, history))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("no failed meter event has identifier \"%s\"", identifier)));
+}
 
-	SPI_connect();
-	n = OutboxRetryFailed(identifier);
-	SPI_finish();
+/*
+ * Retry one event in a subtransaction; returns NULL on success, else the
+ * error's message (in cxt), with the subtransaction rolled back.
+ */
+static char *
+try_retry_one(const char *identifier, bool history, MemoryContext cxt,
+			  ResourceOwner owner)
+{
+	char	   *volatile error = NULL;
 
-	PG_RETURN_INT64(n);
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		retry_one(identifier, history);
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		error = edata->message;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	return error;
+}
+
+/*
+ * EnqueueRetryFailed
+ *		Move failed events back into the outbox: the one named, or all.
+ *
+ * They re-enter through the same validation as any new event.  Retrying
+ * one event raises that validation's error.  Retrying all moves every
+ * event that can be queued again, each in its own subtransaction, and
+ * leaves the others failed, with a NOTICE saying how many and why (an
+ * event whose timestamp has meanwhile left Stripe's 35-day window, say).
+ *
+ * Retrying all leaves out the events Stripe may have billed (maybe_billed)
+ * unless force is true, and says how many in a NOTICE: the operator should
+ * check each in Stripe first.  One named by its identifier is always
+ * retried.  history is false for tables older than 0.2.0, which have no
+ * maybe_billed column.  Returns how many events were queued.
+ */
+int64
+EnqueueRetryFailed(const char *identifier, bool force, bool history)
+{
+	List	   *identifiers = NIL;
+	ListCell   *lc;
+	int64		moved = 0;
+	int64		skipped = 0;
+	int64		maybe_billed = 0;
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+
+	if (identifier != NULL)
+	{
+		retry_one(identifier, history);
+		return 1;
+	}
+
+	foreach(lc, StoreOutboxListFailed(history))
+	{
+		FailedEventRef *f = lfirst(lc);
+
+		if (!force && f->maybe_billed)
+		{
+			maybe_billed++;
+			continue;
+		}
+		identifiers = lappend(identifiers, f->identifier);
+	}
+
+	foreach(lc, identifiers)
+	{
+		char	   *error = try_retry_one((char *) lfirst(lc), history, cxt, owner);
+
+		if (error == NULL)
+			moved++;
+		else
+			skipped++;
+	}
+
+	if (skipped > 0)
+		ereport(NOTICE,
+				(errmsg_plural("%lld failed meter event was not queued again",
+							   "%lld failed meter events were not queued again",
+							   skipped, (long long) skipped),
+				 errdetail("They no longer pass validation, for example because their timestamps are more than 35 days old."),
+				 errhint("Retry one by its identifier to see why it is refused.")));
+	if (maybe_billed > 0)
+		ereport(NOTICE,
+				(errmsg_plural("%lld failed meter event that Stripe may have billed was not queued again",
+							   "%lld failed meter events that Stripe may have billed were not queued again",
+							   maybe_billed, (long long) maybe_billed),
+				 errdetail("They failed without a definite answer from Stripe (maybe_billed in stripe_meter.failed_events), so resending them could bill them twice."),
+				 errhint("Check them in Stripe, then retry each by its identifier, or all with force => true.")));
+	return moved;
 }

@@ -288,6 +288,59 @@ MeterEventValueText(JsonbValue *value, StringInfo out)
 }
 
 /*
+ * MeterEventCanonicalValue
+ *		The canonical text of the usage value under value_key, palloc'd in
+ *		the current context.
+ *
+ * Called once the event has passed MeterEventValidate, which checked that
+ * the value is there and is a whole number; the text is stored in the
+ * outbox row so that every attempt sends exactly it.
+ */
+char *
+MeterEventCanonicalValue(Jsonb *payload, const char *value_key)
+{
+	JsonbValue	key;
+	JsonbValue *value;
+	StringInfoData out;
+
+	key.type = jbvString;
+	key.val.string.val = (char *) value_key;
+	key.val.string.len = strlen(value_key);
+	value = findJsonbValueFromContainer(&payload->root, JB_FOBJECT, &key);
+	initStringInfo(&out);
+	if (value == NULL || !MeterEventValueText(value, &out))
+		elog(ERROR, "meter event value under key \"%s\" was not validated", value_key);
+	return out.data;
+}
+
+/*
+ * MeterEventWireText
+ *		Append the text a payload entry is sent as.
+ *
+ * The entry under value_key is the usage value: sent as canonical_value,
+ * the text frozen in the row at enqueue, or, for a row queued before that
+ * text was stored (canonical_value NULL), in its canonical form computed
+ * now.  Every other entry is sent as its scalar text.
+ */
+void
+MeterEventWireText(const char *key, JsonbValue *value, const char *value_key,
+				   const char *canonical_value, StringInfo out)
+{
+	if (strcmp(key, value_key) == 0)
+	{
+		if (canonical_value != NULL)
+		{
+			appendStringInfoString(out, canonical_value);
+			return;
+		}
+		if (MeterEventValueText(value, out))
+			return;
+		resetStringInfo(out);
+	}
+	MeterEventScalarText(value, out);
+}
+
+/*
  * MeterEventScalarText
  *		Append the text Stripe receives for a scalar payload value: strings
  *		as they are, numbers as their JSON text, booleans as true/false.

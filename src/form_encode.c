@@ -8,7 +8,8 @@
  *	event_name=...&payload[KEY]=VALUE&...&identifier=...&timestamp=UNIX
  * Keys and values are percent-encoded by libcurl (through stripe_client.c);
  * the brackets stay literal, as Stripe's own SDKs send them.  The output is
- * a pure function of the stored row, so every attempt of an event sends
+ * a pure function of the stored row (the value key and the canonical value
+ * were frozen in it at enqueue), so every attempt of an event sends
  * byte-identical parameters, as Stripe's idempotency layer requires.
  *
  * Copyright (c) 2026, stripe_meter developers
@@ -31,13 +32,15 @@
  * FormEncodeMeterEvent
  *		The form body for one event, palloc'd in the current context.
  *
- * The value under value_key is sent in its canonical integer form (what
- * validation checked); every other payload value as its scalar text.
+ * The value under value_key is sent as canonical_value, the text
+ * validation produced at enqueue (computed from the payload for a row
+ * queued before it was stored: canonical_value NULL); every other payload
+ * value as its scalar text.
  */
 char *
 FormEncodeMeterEvent(const char *event_name, Jsonb *payload,
 					 const char *identifier, TimestampTz ts,
-					 const char *value_key)
+					 const char *value_key, const char *canonical_value)
 {
 	StringInfoData buf;
 	StringInfoData text;
@@ -65,11 +68,7 @@ FormEncodeMeterEvent(const char *event_name, Jsonb *payload,
 			continue;
 
 		resetStringInfo(&text);
-		if (strcmp(key, value_key) != 0 || !MeterEventValueText(&v, &text))
-		{
-			resetStringInfo(&text);
-			MeterEventScalarText(&v, &text);
-		}
+		MeterEventWireText(key, &v, value_key, canonical_value, &text);
 		appendStringInfoString(&buf, "&payload[");
 		StripeClientAppendEscaped(&buf, key, strlen(key));
 		appendStringInfoString(&buf, "]=");
@@ -91,15 +90,14 @@ FormEncodeMeterEvent(const char *event_name, Jsonb *payload,
 }
 
 /*
- * FormEncodeIdempotencyKey
- *		The Idempotency-Key for every attempt of an event.
- *
- * The identifier itself when it is safe in a header (printable ASCII, no
- * spaces); otherwise a SHA-256 of it, so a key is always derived from the
- * identifier alone and stays the same across crashes and restarts.
+ * append_key
+ *		Append prefix and the identifier when the identifier is safe in a
+ *		header (printable ASCII, no spaces), else hashed_prefix and the
+ *		SHA-256 of the identifier in hex, so a key depends on the
+ *		identifier alone and stays the same across crashes and restarts.
  */
-char *
-FormEncodeIdempotencyKey(const char *identifier)
+static char *
+append_key(const char *prefix, const char *hashed_prefix, const char *identifier)
 {
 	const unsigned char *p;
 	pg_cryptohash_ctx *ctx;
@@ -107,11 +105,15 @@ FormEncodeIdempotencyKey(const char *identifier)
 	StringInfoData key;
 	int			i;
 
+	initStringInfo(&key);
 	for (p = (const unsigned char *) identifier; *p; p++)
 		if (*p <= 0x20 || *p >= 0x7f)
 			break;
 	if (*p == '\0')
-		return pstrdup(identifier);
+	{
+		appendStringInfo(&key, "%s%s", prefix, identifier);
+		return key.data;
+	}
 
 	ctx = pg_cryptohash_create(PG_SHA256);
 	if (ctx == NULL ||
@@ -121,9 +123,43 @@ FormEncodeIdempotencyKey(const char *identifier)
 		elog(ERROR, "could not compute an idempotency key");
 	pg_cryptohash_free(ctx);
 
-	initStringInfo(&key);
-	appendStringInfoString(&key, "stripe-meter-sha256-");
+	appendStringInfoString(&key, hashed_prefix);
 	for (i = 0; i < PG_SHA256_DIGEST_LENGTH; i++)
 		appendStringInfo(&key, "%02x", digest[i]);
 	return key.data;
+}
+
+/*
+ * FormEncodeIdempotencyKey
+ *		The Idempotency-Key for every attempt of a request of the given kind
+ *		(IDEMPOTENCY_KIND_EVENT or IDEMPOTENCY_KIND_ADJUSTMENT) for an
+ *		identifier.
+ *
+ * "KIND:identifier", or "KIND_sha256:HEX" for an identifier unsafe in a
+ * header.  Stripe compares a resend's parameters with the first request
+ * under its key, so an event and a cancellation must never share one: the
+ * kinds are chosen so that no key of one kind starts like a key of another
+ * (the character after "meter_event" is ':' for events, '_' for the
+ * others), whatever the identifiers.  Stripe allows keys of 255
+ * characters; the longest made here has 23 + 100 (identifiers are at most
+ * 100 characters, and only ASCII ones are used as they are).
+ */
+char *
+FormEncodeIdempotencyKey(const char *kind, const char *identifier)
+{
+	return append_key(psprintf("%s:", kind), psprintf("%s_sha256:", kind),
+					  identifier);
+}
+
+/*
+ * FormEncodeLegacyIdempotencyKey
+ *		The key 0.1.0 sent for an event: its bare identifier, or
+ *		"stripe-meter-sha256-HEX".  Only for events attempted before the
+ *		update to 0.2.0 (outbox.legacy_idempotency_key), whose resends must
+ *		repeat the key Stripe may have stored.
+ */
+char *
+FormEncodeLegacyIdempotencyKey(const char *identifier)
+{
+	return append_key("", "stripe-meter-sha256-", identifier);
 }

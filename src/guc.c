@@ -48,10 +48,19 @@ int			stripe_meter_max_databases = 16;
 int			stripe_meter_launcher_naptime = 10000;
 int			stripe_meter_api_version = STRIPE_API_V1;
 char	   *stripe_meter_stream_url = NULL;
+int			stripe_meter_unknown_meter = UNKNOWN_METER_ERROR;
+int			stripe_meter_meter_sync_interval = 0;
+int			stripe_meter_error_poll_interval = 300;
 
 static const struct config_enum_entry api_version_options[] = {
 	{"v1", STRIPE_API_V1, false},
 	{"v2", STRIPE_API_V2, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry unknown_meter_options[] = {
+	{"error", UNKNOWN_METER_ERROR, false},
+	{"warning", UNKNOWN_METER_WARNING, false},
 	{NULL, 0, false}
 };
 
@@ -389,8 +398,25 @@ StripeMeterDefineSettings(void)
 								&stripe_meter_max_databases, 16, 1, 1024,
 								PGC_POSTMASTER, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 
-	/* cancellations, meter sync, error reports: lifecycle.c */
-	LifecycleDefineSettings();
+	/* the event lifecycle after delivery: meter checks, syncs, error reports */
+	DefineCustomEnumVariable("stripe_meter.unknown_meter",
+							 "Sets what enqueueing an event for an unknown or inactive meter does once meters are synced.",
+							 "error refuses the event; warning queues it with a warning.",
+							 &stripe_meter_unknown_meter, UNKNOWN_METER_ERROR,
+							 unknown_meter_options,
+							 PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("stripe_meter.meter_sync_interval",
+							"Sets how often the worker syncs meters from Stripe.",
+							"0 turns the scheduled sync off.",
+							&stripe_meter_meter_sync_interval, 0, 0, INT_MAX / 1000,
+							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("stripe_meter.error_poll_interval",
+							"Sets how often the worker reads Stripe's asynchronous error reports.",
+							"0 turns it off.",
+							&stripe_meter_error_poll_interval, 300, 0, INT_MAX / 1000,
+							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("stripe_meter");
 }

@@ -7,8 +7,9 @@
  *		 "payload":{"KEY":"VALUE",...},"timestamp":"2026-01-01T00:00:00.000Z"}
  *
  * Payload values are all strings (Stripe's schema says so); the usage
- * value is sent in the canonical integer form validation checked, like
- * the v1 form encoding.  The output is a pure function of the stored row.
+ * value is sent as the canonical text validation stored in the row at
+ * enqueue, like the v1 form encoding.  The output is a pure function of
+ * the stored row.
  *
  * Copyright (c) 2026, stripe_meter developers
  *
@@ -51,7 +52,7 @@ JsonAppendRfc3339(StringInfo buf, TimestampTz ts)
 char *
 JsonEncodeMeterEvent(const char *event_name, Jsonb *payload,
 					 const char *identifier, TimestampTz ts,
-					 const char *value_key)
+					 const char *value_key, const char *canonical_value)
 {
 	StringInfoData buf;
 	StringInfoData text;
@@ -82,11 +83,7 @@ JsonEncodeMeterEvent(const char *event_name, Jsonb *payload,
 			continue;
 
 		resetStringInfo(&text);
-		if (strcmp(key, value_key) != 0 || !MeterEventValueText(&v, &text))
-		{
-			resetStringInfo(&text);
-			MeterEventScalarText(&v, &text);
-		}
+		MeterEventWireText(key, &v, value_key, canonical_value, &text);
 		if (!first)
 			appendStringInfoChar(&buf, ',');
 		first = false;

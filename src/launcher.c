@@ -46,8 +46,6 @@
 
 #include "stripe_meter.h"
 
-#define RESTART_DELAY_MS 2000
-
 /* launcher-local: the databases already seen, and the workers' handles */
 typedef struct KnownDatabase
 {
@@ -79,11 +77,13 @@ StripeMeterRegisterLauncher(void)
 	RegisterBackgroundWorker(&worker);
 }
 
-/* start a delivery worker for the database of a slot; the lock is held */
-static void
-start_worker(int i)
+/*
+ * Register a delivery worker for the database of slot i (slots.c calls
+ * this, the lock held).  Returns false when it could not.
+ */
+static bool
+start_worker(int i, Oid dboid)
 {
-	DatabaseSlot *slot = &StripeMeterShmem->slots[i];
 	BackgroundWorker worker;
 
 	memset(&worker, 0, sizeof(worker));
@@ -95,9 +95,9 @@ start_worker(int i)
 	strlcpy(worker.bgw_library_name, "stripe_meter", BGW_MAXLEN);
 	strlcpy(worker.bgw_function_name, "StripeMeterWorkerMain", BGW_MAXLEN);
 	snprintf(worker.bgw_name, BGW_MAXLEN, "stripe_meter worker for database %u",
-			 slot->dboid);
+			 dboid);
 	strlcpy(worker.bgw_type, "stripe_meter worker", BGW_MAXLEN);
-	worker.bgw_main_arg = ObjectIdGetDatum(slot->dboid);
+	worker.bgw_main_arg = ObjectIdGetDatum(dboid);
 	worker.bgw_notify_pid = MyProcPid;
 
 	if (handles[i] != NULL)
@@ -108,14 +108,38 @@ start_worker(int i)
 		ereport(WARNING,
 				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
 				 errmsg("could not start a stripe_meter worker for database %u",
-						slot->dboid),
+						dboid),
 				 errhint("Raise max_worker_processes: each database with stripe_meter needs a worker.")));
-		slot->state = SLOT_STOPPED;
-		slot->stopped_at = GetCurrentTimestamp();
-		return;
+		return false;
 	}
-	slot->state = SLOT_STARTING;
-	slot->probe_requested = false;
+	return true;
+}
+
+/*
+ * Whether the worker registered for slot i has stopped, in *gone; false
+ * when this launcher did not register it (an earlier launcher did).
+ */
+static bool
+watch_worker(int i, bool *gone)
+{
+	pid_t		pid;
+
+	if (handles[i] == NULL)
+		return false;
+	*gone = (GetBackgroundWorkerPid(handles[i], &pid) == BGWH_STOPPED);
+	return true;
+}
+
+static const SlotLauncher slot_launcher = {
+	.start = start_worker,
+	.watch = watch_worker,
+};
+
+/* seen by the latest scan of pg_database */
+static bool
+database_known(Oid dboid)
+{
+	return hash_search(known_databases, &dboid, HASH_FIND, NULL) != NULL;
 }
 
 /* read pg_database and ask for a probe of every database not seen before */
@@ -175,79 +199,8 @@ scan_databases(void)
 			hash_search(known_databases, &db->dboid, HASH_REMOVE, NULL);
 	}
 
-	/*
-	 * Free every idle slot whose database this scan did not find, including
-	 * one that CREATE EXTENSION requested for a database dropped (or closed
-	 * to connections) before any scan saw it: otherwise it would be retried
-	 * every few seconds for ever.
-	 */
-	LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
-	for (int i = 0; i < StripeMeterShmem->nslots; i++)
-	{
-		DatabaseSlot *slot = &StripeMeterShmem->slots[i];
-
-		if ((slot->state == SLOT_REQUESTED || slot->state == SLOT_STOPPED) &&
-			hash_search(known_databases, &slot->dboid, HASH_FIND, NULL) == NULL)
-			slot->state = SLOT_FREE;
-	}
-	LWLockRelease(StripeMeterShmem->lock);
-}
-
-/* start what is requested, restart what stopped; returns ms to next due */
-static long
-tend_slots(void)
-{
-	TimestampTz now = GetCurrentTimestamp();
-	long		next_ms = -1;
-	int			i;
-
-	LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
-	for (i = 0; i < StripeMeterShmem->nslots; i++)
-	{
-		DatabaseSlot *slot = &StripeMeterShmem->slots[i];
-
-		/* a worker that died before reaching its loop leaves STARTING */
-		if (slot->state == SLOT_STARTING && handles[i] != NULL)
-		{
-			pid_t		pid;
-
-			if (GetBackgroundWorkerPid(handles[i], &pid) == BGWH_STOPPED)
-			{
-				slot->state = slot->probe_requested ? SLOT_REQUESTED : SLOT_STOPPED;
-				slot->stopped_at = now;
-			}
-		}
-		else if (slot->state == SLOT_STARTING && handles[i] == NULL)
-		{
-			/* started by an earlier launcher: we cannot watch it */
-			slot->state = SLOT_STOPPED;
-			slot->stopped_at = now;
-		}
-
-		if (slot->state == SLOT_REQUESTED ||
-			(slot->state == SLOT_STOPPED && slot->probe_requested))
-			start_worker(i);
-		else if (slot->state == SLOT_STOPPED)
-		{
-			TimestampTz due = TimestampTzPlusMilliseconds(slot->stopped_at, RESTART_DELAY_MS);
-
-			if (now >= due)
-				start_worker(i);
-			else
-			{
-				long		secs;
-				int			usecs;
-				long		ms;
-
-				TimestampDifference(now, due, &secs, &usecs);
-				ms = secs * 1000 + usecs / 1000 + 1;
-				if (next_ms < 0 || ms < next_ms)
-					next_ms = ms;
-			}
-		}
-	}
-	LWLockRelease(StripeMeterShmem->lock);
-	return next_ms;
+	/* and the slots of databases that are gone */
+	SlotsForgetGone(database_known);
 }
 
 /*
@@ -306,7 +259,7 @@ StripeMeterLauncherMain(Datum main_arg)
 			next_scan = TimestampTzPlusMilliseconds(now, stripe_meter_launcher_naptime);
 			pgstat_report_activity(STATE_IDLE, NULL);
 		}
-		restart_ms = tend_slots();
+		restart_ms = SlotsTend(&slot_launcher);
 
 		timeout = stripe_meter_launcher_naptime;
 		if (restart_ms >= 0 && restart_ms < timeout)

@@ -1,9 +1,9 @@
 /*-------------------------------------------------------------------------
  *
  * lifecycle.c
- *	  The settings of the event lifecycle after delivery, and the worker's
- *	  schedule for it: cancellations (cancel.c), meter syncs
- *	  (meter_sync.c) and error reports (async_errors.c).
+ *	  The worker's schedule for the event lifecycle after delivery:
+ *	  cancellations (cancel.c), meter syncs (meter_sync.c) and error
+ *	  reports (async_errors.c).  Their settings are in guc.c.
  *
  * These calls are few and made one at a time with stripe_sync.c, between
  * rounds of the delivery loop; while one is out, the delivery requests in
@@ -20,46 +20,12 @@
 #include "postgres.h"
 
 #include "access/xact.h"
-#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "stripe_meter.h"
 
 #define CANCEL_BATCH		10	/* cancellations per turn */
-
-int			stripe_meter_unknown_meter = UNKNOWN_METER_ERROR;
-int			stripe_meter_meter_sync_interval = 0;
-int			stripe_meter_error_poll_interval = 300;
-
-static const struct config_enum_entry unknown_meter_options[] = {
-	{"error", UNKNOWN_METER_ERROR, false},
-	{"warning", UNKNOWN_METER_WARNING, false},
-	{NULL, 0, false}
-};
-
-void
-LifecycleDefineSettings(void)
-{
-	DefineCustomEnumVariable("stripe_meter.unknown_meter",
-							 "Sets what enqueueing an event for an unknown or inactive meter does once meters are synced.",
-							 "error refuses the event; warning queues it with a warning.",
-							 &stripe_meter_unknown_meter, UNKNOWN_METER_ERROR,
-							 unknown_meter_options,
-							 PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
-
-	DefineCustomIntVariable("stripe_meter.meter_sync_interval",
-							"Sets how often the worker syncs meters from Stripe.",
-							"0 turns the scheduled sync off.",
-							&stripe_meter_meter_sync_interval, 0, 0, INT_MAX / 1000,
-							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
-
-	DefineCustomIntVariable("stripe_meter.error_poll_interval",
-							"Sets how often the worker reads Stripe's asynchronous error reports.",
-							"0 turns it off.",
-							&stripe_meter_error_poll_interval, 300, 0, INT_MAX / 1000,
-							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
-}
 
 static MemoryContext tick_cxt = NULL;
 static TimestampTz next_cancel_at = 0;

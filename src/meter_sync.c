@@ -12,7 +12,8 @@
  * leaves the previous contents.  A sync replaces the table: meters Stripe
  * no longer has, and rows entered by hand, are removed.  Meters belong to
  * the account the API key belongs to; events for a connected account
- * (stripe_account) are not checked against them.
+ * (stripe_account) are not checked against them.  The SQL is in
+ * store_meters.c, the SQL-callable entry point in sql_functions.c.
  *
  * Copyright (c) 2026, stripe_meter developers
  *
@@ -23,82 +24,18 @@
  */
 #include "postgres.h"
 
-#include "catalog/namespace.h"
-#include "catalog/pg_type.h"
-#include "executor/spi.h"
+#include "miscadmin.h"
 #include "nodes/pg_list.h"
 #include "storage/lmgr.h"
 #include "storage/lock.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
-#include "utils/lsyscache.h"
-#include "utils/timestamp.h"
 
 #include "stripe_meter.h"
 
 #define METERS_PATH			"/v1/billing/meters?limit=100"
 #define MAX_PAGES			1000
 
-PG_FUNCTION_INFO_V1(stripe_meter_sync_meters);
-
-
-/* a top-level key of a JSON object, or NULL */
-static JsonbValue *
-json_key(Jsonb *jb, const char *key)
-{
-	JsonbValue	k;
-
-	k.type = jbvString;
-	k.val.string.val = (char *) key;
-	k.val.string.len = strlen(key);
-	return findJsonbValueFromContainer(&jb->root, JB_FOBJECT, &k);
-}
-
-/*
- * ListPageNext
- *		For a Stripe v1 list page: whether there is more, and the id of its
- *		last object (the next page's starting_after).  False when the body
- *		is not a list.
- */
-bool
-ListPageNext(const char *body, size_t len, bool *has_more, char **last_id)
-{
-	Jsonb	   *jb;
-	JsonbValue *v;
-	JsonbValue *last;
-	uint32		n;
-
-	*has_more = false;
-	*last_id = NULL;
-	if (!DeliveryJsonIsStorable(body, len))
-		return false;
-	jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(pnstrdup(body, len))));
-	if (!JB_ROOT_IS_OBJECT(jb))
-		return false;
-	v = json_key(jb, "data");
-	if (v == NULL || v->type != jbvBinary || !JsonContainerIsArray(v->val.binary.data))
-		return false;
-	n = JsonContainerSize(v->val.binary.data);
-	if (n > 0)
-	{
-		last = getIthJsonbValueFromContainer(v->val.binary.data, n - 1);
-		if (last && last->type == jbvBinary && JsonContainerIsObject(last->val.binary.data))
-		{
-			JsonbValue	k;
-			JsonbValue *id;
-
-			k.type = jbvString;
-			k.val.string.val = "id";
-			k.val.string.len = 2;
-			id = findJsonbValueFromContainer(last->val.binary.data, JB_FOBJECT, &k);
-			if (id && id->type == jbvString)
-				*last_id = pnstrdup(id->val.string.val, id->val.string.len);
-		}
-	}
-	v = json_key(jb, "has_more");
-	*has_more = (v != NULL && v->type == jbvBool && v->val.boolean && *last_id != NULL);
-	return true;
-}
 
 /*
  * Read every page.  In a backend an HTTP failure raises an ERROR; in the
@@ -177,95 +114,18 @@ lock_meter_sync(bool wait)
 }
 
 /*
- * Replace stripe_meter.meters with the meters in pages.  SPI connected, and
- * the sync lock held.  Returns how many meters the table holds.
+ * MeterSyncNow
+ *		stripe_meter_sync_meters(): sync in the caller's transaction, waiting
+ *		for any other sync.  Returns how many meters the table holds.
  */
-static int
-apply_pages(List *pages)
-{
-	ListCell   *lc;
-	Datum		stamp = TimestampTzGetDatum(GetCurrentTimestamp());
-	int			rc;
-
-	foreach(lc, pages)
-	{
-		Datum		args[2] = {CStringGetTextDatum((char *) lfirst(lc)), stamp};
-
-		/*
-		 * Stripe may hold an inactive meter and an active one with the same
-		 * event name: the active one wins.  Meters whose keys could not be
-		 * form-encoded are left out.
-		 */
-		rc = SPI_execute_with_args(
-								   "WITH m AS ("
-								   " SELECT DISTINCT ON (x->>'event_name')"
-								   "   x->>'event_name' AS event_name,"
-								   "   COALESCE(x->'customer_mapping'->>'event_payload_key', 'stripe_customer_id') AS ck,"
-								   "   COALESCE(x->'value_settings'->>'event_payload_key', 'value') AS vk,"
-								   "   x->>'id' AS id,"
-								   "   x->'default_aggregation'->>'formula' AS agg,"
-								   "   x->>'status' AS st"
-								   "   FROM pg_catalog.jsonb_array_elements($1::jsonb->'data') x"
-								   "  WHERE pg_catalog.jsonb_typeof(x) = 'object'"
-								   "    AND COALESCE(x->>'event_name', '') <> ''"
-								   "    AND pg_catalog.char_length(x->>'event_name') <= 100"
-								   "  ORDER BY x->>'event_name', (x->>'status' = 'active') DESC,"
-								   "           x->>'created' DESC NULLS LAST)"
-								   " INSERT INTO stripe_meter.meters AS t"
-								   "   (event_name, customer_payload_key, value_payload_key, meter_id,"
-								   "    aggregation, status, synced_at)"
-								   " SELECT event_name, ck, vk, id,"
-								   "        CASE WHEN agg IN ('count', 'last', 'sum') THEN agg END,"
-								   "        CASE WHEN st IN ('active', 'inactive') THEN st ELSE 'inactive' END, $2"
-								   "   FROM m"
-								   "  WHERE ck <> '' AND vk <> '' AND ck <> vk"
-								   "    AND pg_catalog.strpos(ck, '[') = 0 AND pg_catalog.strpos(ck, ']') = 0"
-								   "    AND pg_catalog.strpos(vk, '[') = 0 AND pg_catalog.strpos(vk, ']') = 0"
-								   " ON CONFLICT (event_name) DO UPDATE SET"
-								   "   customer_payload_key = EXCLUDED.customer_payload_key,"
-								   "   value_payload_key = EXCLUDED.value_payload_key,"
-								   "   meter_id = EXCLUDED.meter_id, aggregation = EXCLUDED.aggregation,"
-								   "   status = EXCLUDED.status, synced_at = EXCLUDED.synced_at"
-								   " WHERE t.synced_at IS DISTINCT FROM EXCLUDED.synced_at"
-								   "    OR (EXCLUDED.status = 'active' AND t.status <> 'active')",
-								   2, (Oid[]) {TEXTOID, TIMESTAMPTZOID}, args, NULL, false, 0);
-		if (rc != SPI_OK_INSERT)
-			elog(ERROR, "could not store meters: %s", SPI_result_code_string(rc));
-	}
-	rc = SPI_execute_with_args("DELETE FROM stripe_meter.meters WHERE synced_at IS DISTINCT FROM $1",
-							   1, (Oid[]) {TIMESTAMPTZOID}, &stamp, NULL, false, 0);
-	if (rc != SPI_OK_DELETE)
-		elog(ERROR, "could not remove old meters: %s", SPI_result_code_string(rc));
-	rc = SPI_execute_with_args("UPDATE stripe_meter.sync_state"
-							   "   SET meters_synced_at = $1, meters_sync_error = NULL",
-							   1, (Oid[]) {TIMESTAMPTZOID}, &stamp, NULL, false, 0);
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "could not record the sync: %s", SPI_result_code_string(rc));
-	rc = SPI_execute("SELECT pg_catalog.count(*)::int4 FROM stripe_meter.meters", false, 0);
-	if (rc != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "could not count meters");
-	{
-		bool		isnull;
-
-		return DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	}
-}
-
-/*
- * stripe_meter_sync_meters() RETURNS integer
- */
-Datum
-stripe_meter_sync_meters(PG_FUNCTION_ARGS)
+int
+MeterSyncNow(void)
 {
 	char	   *error;
 	List	   *pages = fetch_pages(true, &error);
-	int			n;
 
-	SPI_connect();
 	(void) lock_meter_sync(true);
-	n = apply_pages(pages);
-	SPI_finish();
-	PG_RETURN_INT32(n);
+	return StoreMetersReplace(pages);
 }
 
 /*
@@ -298,15 +158,12 @@ MeterSyncRun(void)
 		return -1;
 	}
 	if (error == NULL)
-		n = apply_pages(pages);
+		n = StoreMetersReplace(pages);
 	else
 	{
-		Datum		arg = CStringGetTextDatum(error);
-
 		ereport(LOG,
 				(errmsg("stripe_meter could not sync meters: %s", error)));
-		(void) SPI_execute_with_args("UPDATE stripe_meter.sync_state SET meters_sync_error = $1",
-									 1, (Oid[]) {TEXTOID}, &arg, NULL, false, 0);
+		StoreMetersSyncError(error);
 	}
 	DeliveryStoreCommit();
 	MemoryContextSwitchTo(mine);
@@ -317,7 +174,7 @@ MeterSyncRun(void)
  * MeterSyncCheckEnqueue
  *		Once meters are synced, refuse (or warn about) an event whose name
  *		has no meter, or whose meter is inactive.  meter is the event name's
- *		row in stripe_meter.meters (enqueue_probe.c).
+ *		row in stripe_meter.meters (store_probe.c).
  */
 void
 MeterSyncCheckEnqueue(const char *event_name, const EnqueueMeter *meter,
@@ -333,7 +190,7 @@ MeterSyncCheckEnqueue(const char *event_name, const EnqueueMeter *meter,
 	/* an active meter passes whether or not meters were synced */
 	if (known && (status == NULL || strcmp(status, "inactive") != 0))
 		return;
-	if (!EnqueueProbeMetersSynced())
+	if (!StoreProbeMetersSynced())
 		return;					/* never synced: nothing to check against */
 	if (!known)
 		ereport(level,

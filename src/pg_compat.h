@@ -60,6 +60,17 @@
 #define JSON_CALLBACK_DONE		return
 #endif
 
+/*
+ * 16 made the JSON lexer report a \u escape that the database encoding
+ * cannot hold as a parse error; 15 raises an ERROR for it (in any encoding
+ * but UTF8), so a reader of untrusted JSON must keep such escapes from it.
+ */
+#if PG_VERSION_NUM >= 160000
+#define JSON_ESCAPES_MAY_RAISE	false
+#else
+#define JSON_ESCAPES_MAY_RAISE	true
+#endif
+
 /* 17: the caller may pass a lexer to fill (NULL: allocate one) */
 #if PG_VERSION_NUM >= 170000
 #define make_json_lexer(json, len, encoding) \
@@ -128,6 +139,88 @@ guc_free(void *ptr)
 {
 	free(ptr);
 }
+#endif
+
+/*
+ * 16 added the doubly linked list that counts its members (dclist).  For
+ * 15, the part of it stripe_meter uses, with the same names and meaning.
+ */
+#include "lib/ilist.h"
+#if PG_VERSION_NUM < 160000
+typedef struct dclist_head
+{
+	dlist_head	dlist;
+	uint32		count;
+} dclist_head;
+
+static inline void
+dclist_init(dclist_head *head)
+{
+	dlist_init(&head->dlist);
+	head->count = 0;
+}
+
+static inline bool
+dclist_is_empty(const dclist_head *head)
+{
+	return head->count == 0;
+}
+
+static inline uint32
+dclist_count(const dclist_head *head)
+{
+	return head->count;
+}
+
+static inline void
+dclist_push_head(dclist_head *head, dlist_node *node)
+{
+	if (head->dlist.head.next == NULL)
+		dclist_init(head);
+	dlist_push_head(&head->dlist, node);
+	head->count++;
+}
+
+static inline void
+dclist_push_tail(dclist_head *head, dlist_node *node)
+{
+	if (head->dlist.head.next == NULL)
+		dclist_init(head);
+	dlist_push_tail(&head->dlist, node);
+	head->count++;
+}
+
+static inline void
+dclist_delete_from(dclist_head *head, dlist_node *node)
+{
+	Assert(head->count > 0);
+	dlist_delete(node);
+	head->count--;
+}
+
+static inline dlist_node *
+dclist_pop_head_node(dclist_head *head)
+{
+	Assert(head->count > 0);
+	head->count--;
+	return dlist_pop_head_node(&head->dlist);
+}
+
+static inline dlist_node *
+dclist_tail_node(dclist_head *head)
+{
+	Assert(head->count > 0);
+	return dlist_tail_node(&head->dlist);
+}
+
+#define dclist_container(type, membername, ptr) \
+	dlist_container(type, membername, ptr)
+#define dclist_head_element(type, membername, lhead) \
+	dlist_head_element(type, membername, &(lhead)->dlist)
+#define dclist_foreach(iter, lhead) \
+	dlist_foreach(iter, &((lhead)->dlist))
+#define dclist_foreach_modify(iter, lhead) \
+	dlist_foreach_modify(iter, &((lhead)->dlist))
 #endif
 
 /*

@@ -32,6 +32,8 @@
 
 /* an account unused for this long is forgotten (its back-off too) */
 #define IDLE_FORGET_MS	60000
+/* the table is made anew once it holds a quarter of its peak, past this */
+#define REBUILD_PEAK	1024
 
 typedef struct AccountBucket
 {
@@ -49,6 +51,8 @@ typedef struct AccountBucket
 } AccountBucket;
 
 static HTAB *buckets = NULL;
+static MemoryContext buckets_cxt = NULL;
+static long peak = 0;			/* most buckets held since the table was made */
 
 static uint64
 account_key_of(const char *account)
@@ -76,17 +80,52 @@ bucket_for(const char *account, TimestampTz now)
 	return b;
 }
 
-void
-RateLimiterInit(MemoryContext cxt)
+static HTAB *
+make_buckets(long size)
 {
 	HASHCTL		ctl;
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(uint64);
 	ctl.entrysize = sizeof(AccountBucket);
-	ctl.hcxt = cxt;
-	buckets = hash_create("stripe_meter rate limits", 16, &ctl,
-						  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	ctl.hcxt = buckets_cxt;
+	return hash_create("stripe_meter rate limits", size, &ctl,
+					   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+}
+
+void
+RateLimiterInit(MemoryContext cxt)
+{
+	buckets_cxt = cxt;
+	buckets = make_buckets(16);
+}
+
+/*
+ * A hash table keeps the entries it removed for reuse, so after a burst of
+ * many accounts the forgotten ones would still hold their memory: copy the
+ * live buckets into a new table and drop the old one.  Nothing outside
+ * this file points at a bucket.
+ */
+static void
+shrink_buckets(void)
+{
+	HTAB	   *fresh;
+	HASH_SEQ_STATUS seq;
+	AccountBucket *b;
+	long		n = hash_get_num_entries(buckets);
+
+	if (n > peak)
+		peak = n;
+	if (peak < REBUILD_PEAK || n * 4 > peak)
+		return;
+	fresh = make_buckets(Max(n, 16));
+	hash_seq_init(&seq, buckets);
+	while ((b = hash_seq_search(&seq)) != NULL)
+		memcpy(hash_search(fresh, &b->account_key, HASH_ENTER, NULL), b,
+			   sizeof(AccountBucket));
+	hash_destroy(buckets);
+	buckets = fresh;
+	peak = n;
 }
 
 /* calls per second allowed now for this bucket, 0 for no limit */
@@ -211,4 +250,5 @@ RateLimiterTick(TimestampTz now)
 		}
 		tick_bucket(b, now);
 	}
+	shrink_buckets();
 }

@@ -4,7 +4,8 @@
  *	  The small shared state of stripe_meter: one slot per database the
  *	  launcher knows, holding its worker's latch and what the worker wants
  *	  users to see (why delivery is paused, the last error); and the
- *	  commit-time wake-up of that worker.
+ *	  commit-time wake-up of that worker.  A slot's state and its changes
+ *	  are slots.c's; here it is only read.
  *
  * The state exists only when the library is preloaded.  Every function
  * here copes with its absence, because enqueueing must work in a server
@@ -24,18 +25,13 @@
 #include "postgres.h"
 
 #include "access/xact.h"
-#include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
-#include "utils/builtins.h"
 #include "utils/timestamp.h"
 
 #include "stripe_meter.h"
-
-PG_FUNCTION_INFO_V1(stripe_meter_worker_state);
-PG_FUNCTION_INFO_V1(stripe_meter_launcher_notify);
 
 StripeMeterShared *StripeMeterShmem = NULL;
 
@@ -78,24 +74,6 @@ StripeMeterShmemStartup(void)
 		StripeMeterShmem->nslots = stripe_meter_max_databases;
 	}
 	LWLockRelease(AddinShmemInitLock);
-}
-
-/*
- * StripeMeterFindSlot
- *		The slot of a database, or NULL.  Caller holds the lock.
- */
-DatabaseSlot *
-StripeMeterFindSlot(Oid dboid)
-{
-	int			i;
-
-	if (StripeMeterShmem == NULL)
-		return NULL;
-	for (i = 0; i < StripeMeterShmem->nslots; i++)
-		if (StripeMeterShmem->slots[i].state != SLOT_FREE &&
-			StripeMeterShmem->slots[i].dboid == dboid)
-			return &StripeMeterShmem->slots[i];
-	return NULL;
 }
 
 /*
@@ -163,55 +141,6 @@ StripeMeterWakeAtCommit(void)
 	wake_armed = true;
 }
 
-/*
- * StripeMeterNotifyLauncher
- *		Tell the launcher that this database may now need a worker.
- *
- * Returns false when every slot is taken (stripe_meter.max_databases).
- */
-bool
-StripeMeterNotifyLauncher(Oid dboid)
-{
-	DatabaseSlot *slot;
-	Latch	   *latch;
-	bool		have_slot = true;
-
-	if (StripeMeterShmem == NULL)
-		return false;
-	LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
-	slot = StripeMeterFindSlot(dboid);
-	if (slot != NULL)
-	{
-		/* the launcher looks again once the current worker is gone */
-		if (slot->state != SLOT_RUNNING)
-			slot->probe_requested = true;
-	}
-	else
-	{
-		int			i;
-
-		have_slot = false;
-		for (i = 0; i < StripeMeterShmem->nslots; i++)
-		{
-			if (StripeMeterShmem->slots[i].state == SLOT_FREE)
-			{
-				memset(&StripeMeterShmem->slots[i], 0, sizeof(DatabaseSlot));
-				StripeMeterShmem->slots[i].dboid = dboid;
-				StripeMeterShmem->slots[i].state = SLOT_REQUESTED;
-				StripeMeterShmem->slots[i].probe_requested = true;
-				have_slot = true;
-				break;
-			}
-		}
-	}
-	latch = StripeMeterShmem->launcher_latch;
-	LWLockRelease(StripeMeterShmem->lock);
-
-	if (latch != NULL)
-		SetLatch(latch);
-	return have_slot;
-}
-
 static void
 set_slot_text(Oid dboid, bool paused, const char *text)
 {
@@ -255,56 +184,45 @@ StripeMeterSetLastError(Oid dboid, const char *error)
 }
 
 /*
- * stripe_meter.worker_state(): what this database's worker publishes.
+ * StripeMeterSetStreamAccounts
+ *		Publish how many Stripe accounts the worker holds API v2 state for
+ *		(sessions, batches), so that an operator sees it fall back once
+ *		accounts go idle.
  */
-Datum
-stripe_meter_worker_state(PG_FUNCTION_ARGS)
+void
+StripeMeterSetStreamAccounts(Oid dboid, int n)
 {
-	TupleDesc	desc;
-	Datum		values[5];
-	bool		nulls[5] = {true, true, true, true, true};
 	DatabaseSlot *slot;
 
-	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
-
-	if (StripeMeterShmem != NULL)
-	{
-		LWLockAcquire(StripeMeterShmem->lock, LW_SHARED);
-		slot = StripeMeterFindSlot(MyDatabaseId);
-		if (slot != NULL && slot->state == SLOT_RUNNING)
-		{
-			values[0] = Int32GetDatum(slot->pid);
-			nulls[0] = false;
-			if (slot->paused[0] != '\0')
-			{
-				values[1] = CStringGetTextDatum(slot->paused);
-				nulls[1] = false;
-			}
-			if (slot->last_error[0] != '\0')
-			{
-				values[2] = CStringGetTextDatum(slot->last_error);
-				nulls[2] = false;
-				values[3] = TimestampTzGetDatum(slot->last_error_at);
-				nulls[3] = false;
-			}
-			values[4] = TimestampTzGetDatum(slot->started_at);
-			nulls[4] = false;
-		}
-		LWLockRelease(StripeMeterShmem->lock);
-	}
-
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
+	if (StripeMeterShmem == NULL)
+		return;
+	LWLockAcquire(StripeMeterShmem->lock, LW_EXCLUSIVE);
+	slot = StripeMeterFindSlot(dboid);
+	if (slot != NULL)
+		slot->stream_accounts = n;
+	LWLockRelease(StripeMeterShmem->lock);
 }
 
 /*
- * stripe_meter.launcher_notify(): called by the install script, so that
- * CREATE EXTENSION gets its database a worker without a restart.  The
- * launcher is told at commit, once the extension is visible to a worker.
+ * StripeMeterReadSlot
+ *		Copy what the running worker of a database publishes into *copy;
+ *		false when it has none running (or the library is not preloaded).
  */
-Datum
-stripe_meter_launcher_notify(PG_FUNCTION_ARGS)
+bool
+StripeMeterReadSlot(Oid dboid, DatabaseSlot *copy)
 {
-	StripeMeterWakeAtCommit();
-	PG_RETURN_VOID();
+	DatabaseSlot *slot;
+	bool		running = false;
+
+	if (StripeMeterShmem == NULL)
+		return false;
+	LWLockAcquire(StripeMeterShmem->lock, LW_SHARED);
+	slot = StripeMeterFindSlot(dboid);
+	if (slot != NULL && slot->state == SLOT_RUNNING)
+	{
+		*copy = *slot;
+		running = true;
+	}
+	LWLockRelease(StripeMeterShmem->lock);
+	return running;
 }

@@ -63,6 +63,7 @@ typedef struct StripeRequest
 	bool		truncated;
 	char		should_retry;
 	bool		replayed;
+	bool		with_account;	/* Stripe-Account was sent */
 	char		request_id[64];
 	char		errbuf[CURL_ERROR_SIZE];
 	StripeDoneCallback done;	/* NULL: the one given to StripeClientWait */
@@ -416,30 +417,6 @@ StripeCurlAddHeader(struct curl_slist *list, const char *fmt, const char *value)
 }
 
 /*
- * StripeClientStart
- *		Put one form-encoded POST to stripe_meter.api_url in flight, with the
- *		API key and an Idempotency-Key.  body must stay valid until the done
- *		callback for owner has run.  Returns false if curl refused it (the
- *		done callback is then not called).
- */
-bool
-StripeClientStart(void *owner, const char *path, const char *body,
-				  const char *idempotency_key, const char *stripe_account)
-{
-	StripeRequestSpec spec;
-
-	memset(&spec, 0, sizeof(spec));
-	spec.owner = owner;
-	spec.base_url = stripe_meter_api_url;
-	spec.path = path;
-	spec.body = body;
-	spec.content_type = "application/x-www-form-urlencoded";
-	spec.idempotency_key = idempotency_key;
-	spec.stripe_account = stripe_account;
-	return StripeClientStartRequest(&spec);
-}
-
-/*
  * StripeCurlSetTransport
  *		The URL and every transport setting a request to Stripe needs: only
  *		https and (loopback-only, checked by the settings) http, no
@@ -480,8 +457,10 @@ StripeCurlSetTransport(CURL *e, const char *url)
  * StripeClientStartRequest
  *		Put one POST in flight as spec says.  The bearer is the API key
  *		unless spec->bearer names another credential (a v2 session token).
- *		Same contract as StripeClientStart; spec->done, when set, is called
- *		for this request instead of the callback given to StripeClientWait.
+ *		spec->body must stay valid until the request's done callback has
+ *		run; returns false if curl refused it (no callback then).  spec->done,
+ *		when set, is called for this request instead of the callback given
+ *		to StripeClientWait.
  */
 bool
 StripeClientStartRequest(const StripeRequestSpec *spec)
@@ -493,6 +472,7 @@ StripeClientStartRequest(const StripeRequestSpec *spec)
 
 	req->owner = spec->owner;
 	req->done = spec->done;
+	req->with_account = (spec->stripe_account != NULL);
 	req->headers = StripeCurlAddHeader(NULL, "Authorization: Bearer %s",
 							  spec->bearer ? spec->bearer : stripe_meter_api_key);
 	req->headers = StripeCurlAddHeader(req->headers, "Stripe-Version: %s", stripe_meter_stripe_version);
@@ -599,6 +579,7 @@ drain_finished(StripeDoneCallback done)
 		http.request_id = req->request_id[0] ? req->request_id : NULL;
 		http.should_retry = req->should_retry;
 		http.replayed = req->replayed;
+		http.with_account = req->with_account;
 
 		curl_multi_remove_handle(multi, req->easy);
 		in_flight--;

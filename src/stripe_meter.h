@@ -10,12 +10,15 @@
  *	claim		the worker marks events in flight (in_flight_since) and counts
  *				the attempt before any byte of them goes on the wire
  *	attempt		one HTTP request for one event; every attempt of an event
- *				carries the same Idempotency-Key (its identifier)
+ *				carries the same body and Idempotency-Key, both fixed by
+ *				its row when it was queued
  *	delivered	Stripe accepted the event: moved to stripe_meter.meter_events
  *	failed		the event can never succeed as it is: moved to
  *				stripe_meter.failed_events with the reason
  *	launcher	the one background worker that starts a delivery worker for
  *				each database where the extension exists
+ *	store		the table-I/O layer: store.c, store_*.c and delivery_store.c
+ *				hold every SPI call and every SQL text
  *
  * Copyright (c) 2026, stripe_meter developers
  *
@@ -27,13 +30,19 @@
 #ifndef STRIPE_METER_H
 #define STRIPE_METER_H
 
+#include "access/htup.h"
 #include "datatype/timestamp.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "lib/ilist.h"
 #include "lib/stringinfo.h"
+#include "nodes/pg_list.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
 #include "utils/jsonb.h"
+#include "utils/relcache.h"
+#include "utils/reltrigger.h"
+#include "utils/tuplestore.h"
 
 #include "pg_compat.h"
 
@@ -73,6 +82,9 @@ extern int	stripe_meter_max_databases;
 extern int	stripe_meter_launcher_naptime;
 extern int	stripe_meter_api_version;
 extern char *stripe_meter_stream_url;
+extern int	stripe_meter_unknown_meter;
+extern int	stripe_meter_meter_sync_interval;
+extern int	stripe_meter_error_poll_interval;
 
 /* stripe_meter.api_version */
 typedef enum StripeApiVersion
@@ -80,6 +92,13 @@ typedef enum StripeApiVersion
 	STRIPE_API_V1 = 1,			/* POST /v1/billing/meter_events, one event */
 	STRIPE_API_V2				/* meter event stream, batches of 100 */
 } StripeApiVersion;
+
+/* stripe_meter.unknown_meter */
+typedef enum UnknownMeterAction
+{
+	UNKNOWN_METER_ERROR,
+	UNKNOWN_METER_WARNING
+} UnknownMeterAction;
 
 extern void StripeMeterDefineSettings(void);
 extern bool StripeMeterUrlIsAllowed(const char *url, const char **why);
@@ -109,9 +128,13 @@ typedef struct MeterEventInput
 extern char *MeterEventValidate(const MeterEventInput *event);
 extern bool MeterEventValueText(JsonbValue *value, StringInfo out);
 extern void MeterEventScalarText(JsonbValue *value, StringInfo out);
+extern char *MeterEventCanonicalValue(Jsonb *payload, const char *value_key);
+extern void MeterEventWireText(const char *key, JsonbValue *value,
+							   const char *value_key, const char *canonical_value,
+							   StringInfo out);
 extern char *MeterEventNewIdentifier(void);
 
-/* ---- in enqueue_probe.c (the validation trigger's lookups) ---- */
+/* ---- in store_probe.c (the validation trigger's lookups) ---- */
 typedef struct EnqueueMeter
 {
 	bool		found;			/* the event name has a row in meters */
@@ -128,29 +151,37 @@ typedef enum EnqueueIdentifierUse
 	ENQUEUE_ID_FAILED
 } EnqueueIdentifierUse;
 
-extern void EnqueueProbeMeter(const char *event_name, EnqueueMeter *meter);
-extern bool EnqueueProbeMetersSynced(void);
-extern EnqueueIdentifierUse EnqueueProbeIdentifier(const char *identifier);
+extern void StoreProbeMeter(const char *event_name, EnqueueMeter *meter);
+extern bool StoreProbeMetersSynced(void);
+extern EnqueueIdentifierUse StoreProbeIdentifier(const char *identifier);
 
-/* ---- in outbox.c (enqueue-side SQL) ---- */
+/* ---- in store.c (what the store files share) ---- */
 extern SPIPlanPtr SpiPrepareSaved(const char *sql, int nargs, Oid *argtypes);
-extern void OutboxLookupMeterKeys(const char *event_name,
-								  char **customer_key, char **value_key);
-extern void OutboxMeterKeys(const EnqueueMeter *meter,
-							char **customer_key, char **value_key);
-extern void OutboxCheckIdentifierUnused(const char *identifier);
-extern int64 OutboxRetryFailed(const char *identifier);
-extern text *OutboxInsertEvent(const char *event_name, Jsonb *payload,
-							   const char *identifier, TimestampTz *ts,
-							   const char *stripe_account);
+extern char *StoreResultText(uint64 row, int col, MemoryContext cxt);
+extern Datum StoreResultDatum(uint64 row, int col, bool *isnull);
+extern TimestampTz StoreResultTimestamp(uint64 row, int col);
+
+/* ---- in store_outbox.c (enqueue-side SQL) ---- */
+typedef struct FailedEventRef
+{
+	char	   *identifier;
+	bool		maybe_billed;
+} FailedEventRef;
+
+extern text *StoreOutboxInsertEvent(const char *event_name, Jsonb *payload,
+									const char *identifier, TimestampTz *ts,
+									const char *stripe_account);
+extern bool StoreOutboxRequeueFailed(const char *identifier, bool history);
+extern List *StoreOutboxListFailed(bool history);
+
+/* ---- in enqueue.c (the enqueue side's rules) ---- */
+extern HeapTuple EnqueueOutboxRow(Relation rel, HeapTuple tuple);
+extern void EnqueueUserRow(Trigger *trigger, Relation rel, HeapTuple tuple);
+extern int64 EnqueueRetryFailed(const char *identifier, bool force, bool history);
 
 /* ---- in shmem.c ---- */
 
-/*
- * A database's slot.  The launcher moves it REQUESTED -> STARTING; the
- * worker moves it to RUNNING once it has found the extension, and on exit
- * to FREE (no extension) or STOPPED (anything else: restart it).
- */
+/* A database's slot: its states and their changes are slots.c's. */
 typedef enum DatabaseSlotState
 {
 	SLOT_FREE = 0,
@@ -175,6 +206,7 @@ typedef struct DatabaseSlot
 	char		paused[WORKER_TEXT_LEN];	/* empty when delivering */
 	char		last_error[WORKER_TEXT_LEN];
 	TimestampTz last_error_at;
+	int			stream_accounts;	/* accounts with API v2 state held */
 } DatabaseSlot;
 
 typedef struct StripeMeterShared
@@ -191,17 +223,36 @@ extern StripeMeterShared *StripeMeterShmem;
 extern void StripeMeterShmemRequest(void);
 extern void StripeMeterShmemStartup(void);
 extern void StripeMeterWakeAtCommit(void);
-extern bool StripeMeterNotifyLauncher(Oid dboid);
-extern DatabaseSlot *StripeMeterFindSlot(Oid dboid);
 extern void StripeMeterSetPaused(Oid dboid, const char *reason);
 extern void StripeMeterSetLastError(Oid dboid, const char *error);
+extern void StripeMeterSetStreamAccounts(Oid dboid, int n);
+extern bool StripeMeterReadSlot(Oid dboid, DatabaseSlot *copy);
+
+/* ---- in slots.c: the state machine of the database slots ---- */
+
+/* What slots.c needs from the launcher, called with the lock held. */
+typedef struct SlotLauncher
+{
+	/* register a worker for slot i; false when it could not */
+	bool		(*start) (int i, Oid dboid);
+	/* has the worker registered for slot i stopped?  false: not ours */
+	bool		(*watch) (int i, bool *gone);
+} SlotLauncher;
+
+extern DatabaseSlot *StripeMeterFindSlot(Oid dboid);
+extern bool StripeMeterNotifyLauncher(Oid dboid);
+extern void SlotsForgetGone(bool (*known) (Oid dboid));
+extern long SlotsTend(const SlotLauncher *launcher);
+extern bool SlotTakeForWorker(void);
+extern void SlotLeaveByWorker(bool extension_absent);
 
 /* ---- in launcher.c ---- */
 extern void StripeMeterRegisterLauncher(void);
 extern PGDLLEXPORT void StripeMeterLauncherMain(Datum main_arg);
 
-/* ---- in worker.c ---- */
+/* ---- in worker.c: the delivery worker's process ---- */
 extern PGDLLEXPORT void StripeMeterWorkerMain(Datum main_arg);
+extern void WorkerBegin(bool say_stopping);
 
 /* ---- delivery: the types shared by the worker's files ---- */
 
@@ -223,6 +274,7 @@ typedef struct DeliveryOutcome
 	const char *session_id;		/* v2: the meter event session used */
 	bool		rate_limited;	/* a 429: slow the whole sender down */
 	bool		outcome_unknown;	/* Stripe may have processed it */
+	bool		maybe_billed;	/* failed, yet Stripe may have billed it */
 	bool		retry_now;		/* Stripe-Should-Retry: true */
 	long		http_status;	/* 0 when no response */
 	char	   *reason;			/* for people: why it failed or is retried */
@@ -239,39 +291,133 @@ typedef struct ClaimBatch
 	int			live;			/* events not yet recorded */
 } ClaimBatch;
 
-/* One claimed event, held by the worker from claim to record. */
+/*
+ * One claimed event, held by the worker from claim to record.  The claim
+ * fills in its row; the sender builds its request (body, key) from it.
+ */
 typedef struct ClaimedEvent
 {
 	ClaimBatch *batch;
 	uint64		busy_key;		/* hash of (account, event name, customer) */
-	char	   *idempotency_key;
 	int64		id;
 	char	   *identifier;
 	char	   *event_name;
 	char	   *customer;
 	char	   *stripe_account; /* NULL when none */
-	char	   *body;			/* the form-encoded request */
+	Jsonb	   *payload;		/* NULL once the request is built */
+	char	   *value_key;		/* the meter's, frozen at enqueue */
+	char	   *canonical_value;	/* NULL: queued before 0.2.0 */
+	bool		legacy_idempotency_key; /* attempted before 0.2.0 */
 	TimestampTz ts;
 	TimestampTz unknown_outcome_since;	/* 0 when every attempt had an answer */
 	int			attempts;
+	char	   *body;			/* the request, as the sender encodes it */
+	char	   *idempotency_key;	/* NULL when the sender sends none */
+	TimestampTz next_attempt_at;	/* retried or paused: due again then */
 	bool		sent;			/* handed to the network by this worker */
+	bool		probe;			/* the one trial of its paused account */
 	bool		v2_solo;		/* v2: send in a request of its own */
 	bool		record_deferred;	/* its row was locked: record later */
 	DeliveryOutcome outcome;
-	struct ClaimedEvent *next;	/* queue links */
+	dlist_node	node;			/* in one queue at a time */
 } ClaimedEvent;
+
+/* ---- in pauses.c: delivery paused for the database or for one account ---- */
+extern void PauseInit(MemoryContext cxt,
+					  void (*release) (const char *account, TimestampTz not_before));
+extern const char *PauseReason(void);
+extern void PauseDelivery(const char *reason);
+extern void PauseForSettings(void);
+extern TimestampTz PauseRefused(const char *account, const DeliveryOutcome *o);
+extern bool PauseAccountMaySend(const char *account, TimestampTz now,
+								TimestampTz *not_before, bool *probe);
+extern bool PauseAccountAnswered(const char *account, DeliveryVerdict verdict);
+extern void PauseAccountProbeEnded(const char *account);
+extern void PauseAccountsLoad(void);
+extern void PauseAccountsResumeAll(void);
+
+/* ---- senders: v1_sender.c and v2_stream.c put claimed events on the wire ---- */
+
+/* What a sender needs from the scheduler. */
+typedef struct SenderHooks
+{
+	/* an answer came and e->outcome is filled in: settle it */
+	void		(*event_done) (ClaimedEvent *e);
+	/* e did not go out after all, its outcome set: free its key, record it */
+	void		(*event_dropped) (ClaimedEvent *e);
+
+	/*
+	 * these are about to go on the wire: keep in events[] those that may,
+	 * marked sent, and return how many; the others are done with
+	 */
+	int			(*mark_sending) (ClaimedEvent **events, int n);
+	/* not processed by Stripe: free the busy key and send it again soon */
+	void		(*event_requeue) (ClaimedEvent *e);
+	/* a session could not be created: pause, slow down, report */
+	void		(*session_trouble) (const char *account, const DeliveryOutcome *outcome);
+} SenderHooks;
+
+/* What a sender does with an event handed over. */
+typedef enum SenderTake
+{
+	SENDER_TAKEN,				/* it goes out (or is done with) */
+	SENDER_DEFER,				/* its account must wait: *wait_ms */
+	SENDER_FULL					/* nothing more fits now */
+} SenderTake;
+
+/*
+ * One way to deliver meter events (one stripe_meter.api_version).  The
+ * worker picks one at start; nothing else asks which API is in use.
+ */
+typedef struct Sender
+{
+	int			api_version;	/* the stripe_meter.api_version it serves */
+	int			events_per_request; /* at most: sizes what the worker holds */
+	bool		keyed;			/* each attempt carries the event's
+								 * Idempotency-Key */
+	bool		sends_at_once;	/* an event added goes out at the next flush */
+	void		(*init) (MemoryContext cxt, const SenderHooks *hooks);
+
+	/*
+	 * build e's request from its row (in a transaction, in the current memory
+	 * context)
+	 */
+	void		(*encode) (ClaimedEvent *e);
+	char	   *(*destination) (void);	/* where it sends, for the log */
+	bool		(*has_room) (void);
+	SenderTake	(*add) (ClaimedEvent *e, TimestampTz now, long *wait_ms);
+	long		(*flush) (void);	/* ms until held-back events may go, or -1 */
+	int			(*unsent) (void);
+	void		(*release_unsent) (void);
+	void		(*release_account) (const char *account, TimestampTz not_before);
+} Sender;
+
+/* ---- in v1_sender.c: one request per event ---- */
+extern const Sender V1Sender;
 
 /* ---- in json_encode.c ---- */
 extern void JsonAppendRfc3339(StringInfo buf, TimestampTz ts);
 extern char *JsonEncodeMeterEvent(const char *event_name, Jsonb *payload,
 								  const char *identifier, TimestampTz ts,
-								  const char *value_key);
+								  const char *value_key,
+								  const char *canonical_value);
 
 /* ---- in form_encode.c ---- */
 extern char *FormEncodeMeterEvent(const char *event_name, Jsonb *payload,
 								  const char *identifier, TimestampTz ts,
-								  const char *value_key);
-extern char *FormEncodeIdempotencyKey(const char *identifier);
+								  const char *value_key,
+								  const char *canonical_value);
+
+/*
+ * The kinds of request an Idempotency-Key is made for: each key starts with
+ * its kind and a colon (or "_sha256:"), so no event's key can equal a
+ * cancellation's, whatever the identifiers.
+ */
+#define IDEMPOTENCY_KIND_EVENT		"meter_event"
+#define IDEMPOTENCY_KIND_ADJUSTMENT "meter_event_adjustment"
+
+extern char *FormEncodeIdempotencyKey(const char *kind, const char *identifier);
+extern char *FormEncodeLegacyIdempotencyKey(const char *identifier);
 
 /* ---- in delivery_outcome.c ---- */
 typedef struct HttpResult
@@ -286,20 +432,122 @@ typedef struct HttpResult
 	const char *request_id;
 	char		should_retry;	/* 't', 'f' or 0 when absent */
 	bool		replayed;
+	bool		with_account;	/* the request carried Stripe-Account */
 } HttpResult;
 
 extern void DeliveryClassify(const HttpResult *http, const char *identifier,
 							 DeliveryOutcome *outcome);
-extern bool DeliveryJsonIsStorable(const char *json, size_t len);
+
+/* ==== Reading Stripe's answers (stripe_response.c, stripe_classify.c) ==== */
+
+/* ---- in stripe_response.c: the one reader of response bodies ---- */
+
+/* The fields of one answer; a string is NULL when absent or not a string. */
+typedef struct StripeResponse
+{
+	bool		valid;			/* one JSON object, storable as jsonb; else
+								 * every field below is empty */
+	char	   *object;			/* top-level "object" */
+	char	   *id;
+	/* Stripe's error object */
+	bool		has_error;
+	char	   *error_type;
+	char	   *error_code;
+	char	   *error_message;	/* whole, as Stripe wrote it */
+	char	   *error_param;
+	char	   *error_decline_code;
+	char	   *error_doc_url;
+	/* list pages: v1 data[] and has_more, v2 next_page_url */
+	bool		has_data;		/* "data" is an array */
+	int			data_count;
+	char	   *data_last_id;	/* "id" of data's last element */
+	bool		has_more;
+	char	   *next_page_url;
+	/* a v2 meter event session */
+	char	   *authentication_token;	/* a credential: never logged */
+	char	   *created;		/* v2 times: RFC 3339 text */
+	char	   *expires_at;
+} StripeResponse;
+
+extern void StripeReadJson(const char *json, size_t len, StripeResponse *r);
+extern void StripeReadAnswer(const HttpResult *http, StripeResponse *r);
+extern bool StripeErrorMessageHas(const StripeResponse *r, const char *phrase);
+extern bool StripeParseRfc3339(const char *s, TimestampTz *out);
+
+/* ---- in stripe_classify.c: what an answer means, for any endpoint ---- */
+typedef enum StripeVerdict
+{
+	STRIPE_SUCCESS,				/* the endpoint's own check is satisfied */
+	STRIPE_RETRY,				/* try again later */
+	STRIPE_FAIL,				/* the request can never succeed as it is */
+	STRIPE_PAUSE_ACCOUNT,		/* refused for the Connect account it named */
+	STRIPE_PAUSE_ALL			/* the key or the URL is wrong: stop sending */
+} StripeVerdict;
+
+/* the rung of the ladder that decided: callers word their reasons by it */
+typedef enum StripeRule
+{
+	RULE_SUCCESS,
+	RULE_NO_ANSWER,				/* no complete HTTP answer */
+	RULE_SESSION_EXPIRED,		/* v2 stream: renew the session, resend */
+	RULE_TOKEN_REFUSED,			/* v2 stream: another 401 for the token */
+	RULE_KEY_REFUSED,			/* 401 */
+	RULE_FORBIDDEN,				/* 403 */
+	RULE_NOT_FOUND,				/* 404 from an endpoint that names no object */
+	RULE_RATE_LIMITED,			/* 429 */
+	RULE_UNCONFIRMED,			/* 200 without what the endpoint expects */
+	RULE_REPLAYED_FAILURE,		/* a 409 or 5xx replayed for the key */
+	RULE_NO_RETRY,				/* 409 or 5xx, Stripe-Should-Retry: false */
+	RULE_TRANSIENT,				/* 409 or 5xx, or Stripe-Should-Retry: true */
+	RULE_REFUSED,				/* another 4xx, in Stripe's error form */
+	RULE_UNEXPECTED				/* not Stripe speaking (a proxy?) */
+} StripeRule;
+
+/* What the ladder must know about the endpoint besides the answer. */
+typedef struct StripeEndpoint
+{
+	bool		v2;				/* API v2: Stripe's errors carry a message */
+	bool		session_token;	/* authenticated with a session token */
+	bool		names_object;	/* a 404 says the object named is missing */
+} StripeEndpoint;
+
+typedef struct StripeJudgement
+{
+	StripeVerdict verdict;
+	StripeRule	rule;
+	bool		rate_limited;	/* slow the sender down */
+	bool		outcome_unknown;	/* Stripe may have processed it */
+	bool		maybe_billed;	/* failed, yet Stripe may have billed it */
+	bool		retry_now;		/* Stripe-Should-Retry: true */
+	char	   *message;		/* Stripe's error message for a reason: one
+								 * line, clipped; NULL when none */
+} StripeJudgement;
+
+extern void StripeClassify(const HttpResult *http, const StripeResponse *resp,
+						   const StripeEndpoint *endpoint, bool success,
+						   StripeJudgement *j);
+extern char *StripeAnswerText(const HttpResult *http, const StripeResponse *resp);
+
+/* ==== end of reading Stripe's answers ==== */
+
+/* ---- in store_counters.c (the figures of stripe_meter.status) ---- */
+extern void CountersDelivered(int64 n);
+extern void CountersNotBilled(int64 n);
 
 /* ---- in delivery_store.c (the worker's SQL) ---- */
 extern bool DeliveryStoreBegin(void);
 extern void DeliveryStoreCommit(void);
 extern bool DeliveryStoreExtensionVersion(char *buf, size_t size);
 extern int64 DeliveryStoreRepair(TimestampTz claimed_before);
-extern int	DeliveryStoreClaim(int limit, ClaimBatch *batch, ClaimedEvent **head,
-							   ClaimedEvent **tail);
-extern TimestampTz DeliveryStoreRecord(ClaimedEvent *done, int *deferred);
+/* how many more events of this busy key may be claimed; more: it has more due */
+typedef int (*ClaimRoomFunc) (uint64 busy_key, bool more);
+#define CLAIM_PER_KEY 2			/* events held per (account, meter, customer) */
+extern uint64 DeliveryBusyKey(const char *account, const char *event_name,
+							  const char *customer);
+extern int	DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
+							   dlist_head *claimed);
+extern int	DeliveryStoreMarkSent(ClaimedEvent **events, int n);
+extern TimestampTz DeliveryStoreRecord(ClaimedEvent **events, int n, int *deferred);
 #define PURGE_BATCH 5000		/* delivered rows deleted per purge transaction */
 extern int64 DeliveryStorePurgeDelivered(void);
 extern void DeliveryStorePauseAccount(const char *account, const char *reason,
@@ -307,15 +555,16 @@ extern void DeliveryStorePauseAccount(const char *account, const char *reason,
 extern void DeliveryStoreResumeAccount(const char *account);
 extern void DeliveryStoreLoadPausedAccounts(void (*found) (const char *account,
 														   TimestampTz next_try_at));
+
+/* ---- in delivery_policy.c: when an event may go, and when it goes again ---- */
 extern int	DeliveryBackoffMs(int attempts);
+extern TimestampTz DeliveryNextAttempt(const ClaimedEvent *e, TimestampTz now);
+extern const char *DeliveryUnsendableReason(const ClaimedEvent *e, TimestampTz now);
 
 /* ---- in stripe_client.c (libcurl only) ---- */
 typedef void (*StripeDoneCallback) (void *owner, const HttpResult *http);
 
 extern void StripeClientInit(void);
-extern bool StripeClientStart(void *owner, const char *path, const char *body,
-							  const char *idempotency_key,
-							  const char *stripe_account);
 
 /* One POST: where to, what, and with which credentials and headers. */
 typedef struct StripeRequestSpec
@@ -369,19 +618,6 @@ extern bool V2ClassifySession(const HttpResult *http, V2SessionAnswer *session,
 extern V2StreamVerdict V2ClassifyStream(const HttpResult *http,
 										DeliveryOutcome *outcome);
 
-/* What the v2 sender needs from the worker. */
-typedef struct V2Hooks
-{
-	/* the outcome is filled in: record it (and free the busy key) */
-	void		(*event_done) (ClaimedEvent *e);
-	/* not processed by Stripe: free the busy key and send it again soon */
-	void		(*event_requeue) (ClaimedEvent *e);
-	/* one token of the request rate limiter, or when the next comes */
-	bool		(*take_token) (const char *account, TimestampTz now, long *wait_ms);
-	/* a session could not be created: pause, slow down, report */
-	void		(*session_trouble) (const char *account, const DeliveryOutcome *outcome);
-} V2Hooks;
-
 /* ---- in v2_session.c: one meter event session per Connect account ---- */
 typedef struct V2Session
 {
@@ -396,18 +632,14 @@ typedef struct V2Session
 	int			failures;
 } V2Session;
 
-extern void V2SessionSetup(MemoryContext cxt, const V2Hooks *hooks);
+extern void V2SessionSetup(MemoryContext cxt, const SenderHooks *hooks);
 extern void V2SessionInit(V2Session *s, const char *account);
 extern bool V2SessionUsable(V2Session *s, TimestampTz now, long *wait_ms);
 extern void V2SessionExpired(V2Session *s, uint64 generation);
+extern void V2SessionFree(V2Session *s);
 
 /* ---- in v2_stream.c: batches of events on the meter event stream ---- */
-extern void V2StreamInit(MemoryContext parent, const V2Hooks *hooks);
-extern bool V2StreamAdd(ClaimedEvent *e);
-extern long V2StreamFlush(void);
-extern int	V2StreamUnsent(void);
-extern void V2StreamReleaseUnsent(void);
-extern void V2StreamReleaseAccount(const char *account, TimestampTz not_before);
+extern const Sender V2Sender;
 
 /* ---- in stripe_sync.c (one synchronous request; outside the delivery loop) ---- */
 extern const char *StripeSyncKeyProblem(void);
@@ -418,17 +650,6 @@ extern char *StripeSyncErrorText(const HttpResult *http);
 extern char *StripeSyncGetJson(const char *path, const char *stripe_account);
 
 /* ---- the event lifecycle after delivery (cancel.c, meter_sync.c, async_errors.c) ---- */
-extern int	stripe_meter_unknown_meter;
-extern int	stripe_meter_meter_sync_interval;
-extern int	stripe_meter_error_poll_interval;
-
-typedef enum UnknownMeterAction
-{
-	UNKNOWN_METER_ERROR,
-	UNKNOWN_METER_WARNING
-} UnknownMeterAction;
-
-extern void LifecycleDefineSettings(void);
 extern void MeterSyncCheckEnqueue(const char *event_name, const EnqueueMeter *meter,
 								  const char *stripe_account);
 extern int	MeterSyncRun(void);
@@ -438,6 +659,103 @@ extern TimestampTz CancelDeliverDue(int limit);
 extern void AsyncErrorsPull(void);
 extern void LifecycleWorkerRepair(void);
 extern long LifecycleWorkerTick(bool paused, bool woken);
+
+/* ---- what sql_functions.c calls: cancel.c, meter_sync.c, reconcile.c ---- */
+extern const char *CancelEvent(const char *event_name, const char *identifier);
+extern int	MeterSyncNow(void);
+
+/* the arguments of stripe_meter_reconcile(), checked */
+typedef struct ReconcileRequest
+{
+	const char *event_name;
+	const char *customer;
+	TimestampTz from;
+	TimestampTz to;
+	const char *grouping;		/* "day", "hour", or NULL: one window */
+	const char *account;		/* NULL: the key's own */
+} ReconcileRequest;
+
+extern void ReconcileRun(const ReconcileRequest *req, Tuplestorestate *tupstore,
+						 TupleDesc tupdesc);
+
+/* ---- in store_cancel.c (the SQL of cancellations) ---- */
+
+/* Where an event to cancel is, as the lookups find it. */
+typedef struct CancelTarget
+{
+	char	   *event_name;
+	char	   *stripe_account; /* NULL when none */
+	bool		maybe_sent;		/* queued: in flight, or an outcome unknown */
+	TimestampTz received_at;	/* delivered: when Stripe received it */
+	char	   *reason;			/* failed: why */
+	bool		maybe_billed;	/* failed: Stripe may have billed it */
+} CancelTarget;
+
+/* One cancellation claimed by the worker. */
+typedef struct ClaimedCancel
+{
+	char	   *identifier;
+	char	   *event_name;
+	char	   *stripe_account;
+	TimestampTz received_at;	/* 0 when unknown */
+	TimestampTz unknown_outcome_since;
+	int			attempts;
+} ClaimedCancel;
+
+/* What became of one claimed cancellation. */
+typedef struct CancelRecord
+{
+	const char *identifier;
+	const char *status;			/* done, failed, or NULL: retried */
+	const char *outcome;		/* created, replayed, already_cancelled, ... */
+	const char *adjustment;		/* Stripe's object (JSON), or NULL */
+	const char *request_id;
+	long		http_status;	/* 0 when no answer */
+	const char *reason;
+	TimestampTz next_attempt_at;
+	bool		unknown;		/* retried, and Stripe may have it */
+} CancelRecord;
+
+extern bool StoreCancelFindQueued(const char *identifier, CancelTarget *found);
+extern void StoreCancelRemoveQueued(const char *identifier);
+extern bool StoreCancelFindDelivered(const char *identifier, CancelTarget *found);
+extern bool StoreCancelFindFailed(const char *identifier, CancelTarget *found);
+extern bool StoreCancelFindAdjustment(const char *identifier, char **status,
+									  char **last_error);
+extern void StoreCancelQueue(const char *identifier, const char *event_name,
+							 const char *stripe_account, const char *status,
+							 const TimestampTz *received_at);
+extern void StoreCancelRepair(void);
+extern void StoreCancelPromoteAwaiting(void);
+extern int	StoreCancelClaim(int limit, MemoryContext cxt, ClaimedCancel **claimed);
+extern void StoreCancelRecord(const CancelRecord *r);
+extern TimestampTz StoreCancelNextDue(void);
+
+/* ---- in store_meters.c (the SQL of stripe_meter.meters) ---- */
+extern int	StoreMetersReplace(List *pages);
+extern void StoreMetersSyncError(const char *error);
+extern bool StoreMetersFind(const char *event_name, char **meter_id,
+							char **aggregation, char **value_key);
+
+/* ---- in store_errors.c (the SQL of Stripe's error reports) ---- */
+typedef struct ErrorReportAccount
+{
+	char	   *account;		/* NULL: the key's own account */
+	char	   *cursor;			/* RFC 3339, or NULL: from the start */
+} ErrorReportAccount;
+
+extern List *StoreErrorsAccounts(int overlap_secs, int max_accounts, MemoryContext cxt);
+extern void StoreErrorsApplyPage(const char *page, const char *account);
+extern void StoreErrorsRecordRead(const char *error);
+
+/* ---- in store_reconcile.c (the SQL of stripe_meter_reconcile()) ---- */
+extern bool StoreReconcilePickMeter(const char *page, const char *event_name,
+									char **meter_id, char **aggregation);
+extern void StoreReconcileCompare(List *pages, int64 from_secs, int64 to_secs, int64 step,
+								  const char *event_name, const char *customer,
+								  const char *account, const char *aggregation,
+								  const char *value_key,
+								  Tuplestorestate *tupstore, TupleDesc tupdesc);
 
 /* wait_events.c: what pg_stat_activity.wait_event shows */
 typedef enum StripeMeterWait
@@ -452,5 +770,13 @@ typedef enum StripeMeterWait
 } StripeMeterWait;
 
 extern uint32 StripeMeterWaitEvent(StripeMeterWait wait);
+
+/* ---- in scheduler.c: the worker's claimed events, from claim to record ---- */
+extern void SchedulerInit(MemoryContext cxt, const Sender *sender);
+extern void SchedulerWake(void);
+extern bool SchedulerDrained(void);
+extern void SchedulerCounts(int *nheld, int *nready);
+extern bool SchedulerTurn(TimestampTz now, bool draining);
+extern long SchedulerTimeout(StripeMeterWait *wait);
 
 #endif							/* STRIPE_METER_H */

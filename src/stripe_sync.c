@@ -230,6 +230,7 @@ StripeSyncRequest(const char *method, const char *path, const char *body,
 	result->request_id = r->request_id[0] ? pstrdup(r->request_id) : NULL;
 	result->should_retry = r->should_retry;
 	result->replayed = r->replayed;
+	result->with_account = (stripe_account != NULL);
 
 	curl_slist_free_all(headers);	/* holds the key: free at once */
 	curl_easy_cleanup(e);
@@ -248,28 +249,10 @@ StripeSyncRequest(const char *method, const char *path, const char *body,
 char *
 StripeSyncErrorText(const HttpResult *http)
 {
-	const char *m;
-	StringInfoData buf;
+	StripeResponse resp;
 
-	if (http->curl_code != 0)
-		return psprintf("could not get an answer from Stripe: %s",
-						http->curl_error ? http->curl_error : "transfer failed");
-	initStringInfo(&buf);
-	appendStringInfo(&buf, "Stripe answered HTTP %ld", http->status);
-	if (http->body && (m = strstr(http->body, "\"message\"")) != NULL &&
-		(m = strchr(m + 9, '"')) != NULL)
-	{
-		const char *end;
-
-		appendStringInfoString(&buf, ": ");
-		for (end = m + 1; *end && *end != '"' && buf.len < 400; end++)
-		{
-			if (*end == '\\' && end[1])
-				end++;
-			appendStringInfoChar(&buf, *end);
-		}
-	}
-	return buf.data;
+	StripeReadAnswer(http, &resp);
+	return StripeAnswerText(http, &resp);
 }
 
 /*
@@ -281,6 +264,7 @@ char *
 StripeSyncGetJson(const char *path, const char *stripe_account)
 {
 	HttpResult	http;
+	StripeResponse resp;
 
 	if (!StripeSyncRequest("GET", path, NULL, NULL, stripe_account, &http))
 		ereport(ERROR,
@@ -291,11 +275,12 @@ StripeSyncGetJson(const char *path, const char *stripe_account)
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("%s", StripeSyncErrorText(&http)),
 				 errhint("Check stripe_meter.api_url and the network.")));
-	if (http.status != 200 || !DeliveryJsonIsStorable(http.body, http.body_len))
+	StripeReadAnswer(&http, &resp);
+	if (http.status != 200 || !resp.valid)
 		ereport(ERROR,
 				(errcode(http.status == 404 ? ERRCODE_UNDEFINED_OBJECT :
 						 ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
 				 errmsg("Stripe refused GET %s", path),
-				 errdetail("%s.", StripeSyncErrorText(&http))));
+				 errdetail("%s.", StripeAnswerText(&http, &resp))));
 	return pnstrdup(http.body, http.body_len);
 }

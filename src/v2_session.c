@@ -37,7 +37,7 @@
 #define EXPIRY_MARGIN_MS	5000	/* stop using a token this early */
 
 static MemoryContext session_cxt = NULL;
-static const V2Hooks *session_hooks = NULL;
+static const SenderHooks *session_hooks = NULL;
 
 /* A session creation in flight: which session and when it was sent. */
 typedef struct SessionRequest
@@ -47,7 +47,7 @@ typedef struct SessionRequest
 } SessionRequest;
 
 void
-V2SessionSetup(MemoryContext cxt, const V2Hooks *hooks)
+V2SessionSetup(MemoryContext cxt, const SenderHooks *hooks)
 {
 	session_cxt = cxt;
 	session_hooks = hooks;
@@ -172,6 +172,21 @@ V2SessionUsable(V2Session *s, TimestampTz now, long *wait_ms)
 			start_creation(s, now);
 	}
 	return usable;
+}
+
+/*
+ * V2SessionFree
+ *		The account has been idle: wipe its token and free what the session
+ *		holds.  No creation may be in flight (it points at s).
+ */
+void
+V2SessionFree(V2Session *s)
+{
+	Assert(!s->creating);
+	forget_token(s);
+	if (s->account)
+		pfree(s->account);
+	s->account = NULL;
 }
 
 /*

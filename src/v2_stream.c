@@ -6,12 +6,14 @@
  *	  on stripe_meter.stream_url, authenticated with the account's meter
  *	  event session token (v2_session.c), many batches in flight at once.
  *
- * The worker hands over each event once its busy key (account, event
- * name, customer) is free, and marks the key busy until the event's batch
- * is answered: so a batch never holds two events for the same customer
- * and meter, and no two batches in flight share one (Stripe's one
- * concurrent call per customer and meter).  Events of one Connect account
- * go in batches of their own, sent with that account's session.
+ * This is the Sender for stripe_meter.api_version = v2 (v1_sender.c is
+ * the one for v1).  The scheduler hands over each event once its busy key
+ * (account, event name, customer) is free, and marks the key busy until
+ * the event's batch is answered: so a batch never holds two events for the
+ * same customer and meter, and no two batches in flight share one
+ * (Stripe's one concurrent call per customer and meter).  Events of one
+ * Connect account go in batches of their own, sent with that account's
+ * session, each batch taking one token of the account's rate limiter.
  *
  * No Idempotency-Key is sent: after a crash or a retry, events are claimed
  * again and batched anew, so a request is never repeated byte for byte.
@@ -25,6 +27,13 @@
  * its events is sent again in a request of its own, so only the event at
  * fault fails.
  *
+ * An account's state (its session, its batches) is freed once it has been
+ * idle: nothing queued or in flight, no session being created, its token
+ * expired and no back-off pending.  A platform whose connected accounts
+ * each send now and then therefore holds state only for the accounts of
+ * the last session lifetime (15 minutes at Stripe), not for every account
+ * ever seen; an account that sends again simply gets a new session.
+ *
  * Copyright (c) 2026, stripe_meter developers
  *
  * IDENTIFICATION
@@ -34,6 +43,7 @@
  */
 #include "postgres.h"
 
+#include "miscadmin.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -42,6 +52,8 @@
 
 #define STREAM_PATH			"/v2/billing/meter_event_stream"
 #define ACCOUNT_KEY_LEN		256
+#define SWEEP_INTERVAL_MS	1000	/* how often idle accounts are looked for */
+#define ACCOUNTS_INITIAL	64
 
 typedef struct V2Account V2Account;
 
@@ -54,6 +66,7 @@ typedef struct V2Batch
 	StringInfoData body;
 	int			n;
 	ClaimedEvent *events[V2_MAX_BATCH_EVENTS];
+	dlist_node	node;			/* in its account's list of full batches */
 } V2Batch;
 
 /* The events of one Connect account ("" for the key's own) not yet sent. */
@@ -62,31 +75,42 @@ struct V2Account
 	char		key[ACCOUNT_KEY_LEN];	/* hash key */
 	V2Session	session;
 	V2Batch    *open;			/* being filled; NULL when none */
-	ClaimedEvent *solo_head;	/* each to go in a request of its own */
-	ClaimedEvent *solo_tail;
+	dlist_head	full;			/* V2Batch: full, waiting to go */
+	dlist_head	solo;			/* ClaimedEvent: each in a request of its own */
+	int			in_flight;		/* its batches sent and not yet answered */
 };
 
 static MemoryContext stream_cxt = NULL;
-static const V2Hooks *hooks = NULL;
+static const SenderHooks *hooks = NULL;
 static HTAB *accounts = NULL;
 static V2Account *last_account = NULL;
 static int	unsent = 0;			/* events handed over and not yet sent */
+static TimestampTz last_sweep = 0;
+static long published = -1;		/* the account count last published */
+static long peak = 0;			/* most accounts held since the table was made */
 
-void
-V2StreamInit(MemoryContext parent, const V2Hooks *h)
+static void
+make_accounts(void)
 {
 	HASHCTL		ctl;
 
-	stream_cxt = AllocSetContextCreate(parent, "stripe_meter meter event stream",
-									   ALLOCSET_DEFAULT_SIZES);
-	hooks = h;
-	V2SessionSetup(stream_cxt, h);
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = ACCOUNT_KEY_LEN;
 	ctl.entrysize = sizeof(V2Account);
 	ctl.hcxt = stream_cxt;
-	accounts = hash_create("stripe_meter stream accounts", 64, &ctl,
+	accounts = hash_create("stripe_meter stream accounts", ACCOUNTS_INITIAL, &ctl,
 						   HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	peak = 0;
+}
+
+static void
+v2_init(MemoryContext parent, const SenderHooks *h)
+{
+	stream_cxt = AllocSetContextCreate(parent, "stripe_meter meter event stream",
+									   ALLOCSET_DEFAULT_SIZES);
+	hooks = h;
+	V2SessionSetup(stream_cxt, h);
+	make_accounts();
 }
 
 static V2Account *
@@ -102,7 +126,9 @@ account_for(const char *stripe_account)
 	if (!found)
 	{
 		a->open = NULL;
-		a->solo_head = a->solo_tail = NULL;
+		dlist_init(&a->full);
+		dlist_init(&a->solo);
+		a->in_flight = 0;
 		V2SessionInit(&a->session, stripe_account);
 	}
 	last_account = a;
@@ -156,6 +182,7 @@ stream_done(void *owner, const HttpResult *http)
 	int			i;
 
 	MemoryContextSwitchTo(old);
+	b->account->in_flight--;
 	switch (verdict)
 	{
 		case V2_STREAM_SESSION_EXPIRED:
@@ -210,7 +237,6 @@ send_batch(V2Account *a, V2Batch *b)
 	b->generation = a->session.generation;
 	b->session_id = pstrdup(a->session.id);
 	MemoryContextSwitchTo(old);
-	unsent -= b->n;
 
 	memset(&spec, 0, sizeof(spec));
 	spec.owner = b;
@@ -220,7 +246,9 @@ send_batch(V2Account *a, V2Batch *b)
 	spec.body = b->body.data;
 	spec.content_type = "application/json";
 	spec.bearer = a->session.token;
-	if (!StripeClientStartRequest(&spec))
+	if (StripeClientStartRequest(&spec))
+		a->in_flight++;
+	else
 	{
 		for (i = 0; i < b->n; i++)
 		{
@@ -242,125 +270,236 @@ merge_wait(long *wait_ms, long w)
 }
 
 /*
- * Send what account a has ready, while the session, the request window
- * and the rate limiter allow.  Returns false when a limit shared by all
- * accounts stopped it (no point trying the others).
+ * Take the batches account a has ready, while the session, the request
+ * window and the rate limiter allow, into going[].  Returns false when a
+ * limit shared by all accounts stopped it (no point trying the others).
  */
 static bool
-flush_account(V2Account *a, TimestampTz now, long *wait_ms)
+take_ready_batches(V2Account *a, TimestampTz now, long *wait_ms,
+				   V2Batch **going, int *ngoing)
 {
 	long		w;
 
-	if (a->open == NULL && a->solo_head == NULL)
+	if (a->open == NULL && dlist_is_empty(&a->full) && dlist_is_empty(&a->solo))
 		return true;
 	if (!V2SessionUsable(&a->session, now, &w))
 	{
 		merge_wait(wait_ms, w);
 		return true;
 	}
-	while (a->open != NULL || a->solo_head != NULL)
+	while (a->open != NULL || !dlist_is_empty(&a->full) || !dlist_is_empty(&a->solo))
 	{
 		V2Batch    *b;
 
-		if (StripeClientInFlight() >= stripe_meter_max_in_flight)
+		if (StripeClientInFlight() + *ngoing >= stripe_meter_max_in_flight)
 			return false;
-		if (!hooks->take_token(a->session.account, now, &w))
+		if (!RateLimiterTake(a->session.account, now, &w))
 		{
 			merge_wait(wait_ms, w);
 			return false;
 		}
-		if (a->solo_head != NULL)
+		if (!dlist_is_empty(&a->solo))
 		{
 			b = new_batch(a);
-			b->events[b->n++] = a->solo_head;
-			a->solo_head = a->solo_head->next;
-			if (a->solo_head == NULL)
-				a->solo_tail = NULL;
+			b->events[b->n++] = dlist_container(ClaimedEvent, node,
+												dlist_pop_head_node(&a->solo));
 		}
+		else if (!dlist_is_empty(&a->full))
+			b = dlist_container(V2Batch, node, dlist_pop_head_node(&a->full));
 		else
 		{
 			b = a->open;
 			a->open = NULL;
 		}
-		send_batch(a, b);
+		going[(*ngoing)++] = b;
 	}
 	return true;
 }
 
+/* the event's JSON object; the stream sends no Idempotency-Key */
+static void
+v2_encode(ClaimedEvent *e)
+{
+	e->body = JsonEncodeMeterEvent(e->event_name, e->payload, e->identifier,
+								   e->ts, e->value_key, e->canonical_value);
+}
+
+static char *
+v2_destination(void)
+{
+	return psprintf("the meter event stream at %s (API v2)", stripe_meter_stream_url);
+}
+
+/* batches wait for their session and token: only the window limits */
+static bool
+v2_has_room(void)
+{
+	return StripeClientInFlight() < stripe_meter_max_in_flight;
+}
+
 /*
- * V2StreamAdd
- *		Take over claimed event e, its busy key held.  Returns false, not
- *		taking it, when its account's batch is full and cannot go yet.
+ * Take over claimed event e, its busy key held.  It goes out with the
+ * next flush that its account's session and the limits allow.
  */
-bool
-V2StreamAdd(ClaimedEvent *e)
+static SenderTake
+v2_add(ClaimedEvent *e, TimestampTz now, long *wait_ms)
 {
 	V2Account  *a;
-	long		wait_ms = -1;
 
-	e->next = NULL;
 	if (e->stripe_account != NULL && strlen(e->stripe_account) >= ACCOUNT_KEY_LEN)
 	{
 		/* no Connect account id is this long; never mix two accounts' sessions */
 		e->outcome.verdict = VERDICT_FAIL;
 		e->outcome.reason = "not sent: the Stripe account id is too long for a meter event session";
 		hooks->event_done(e);
-		return true;
+		return SENDER_TAKEN;
 	}
 	a = account_for(e->stripe_account);
 	if (e->v2_solo)
 	{
-		if (a->solo_tail)
-			a->solo_tail->next = e;
-		else
-			a->solo_head = e;
-		a->solo_tail = e;
+		dlist_push_tail(&a->solo, &e->node);
 		unsent++;
-		return true;
+		return SENDER_TAKEN;
 	}
 	if (a->open != NULL && a->open->n >= V2_MAX_BATCH_EVENTS)
 	{
-		(void) flush_account(a, GetCurrentTimestamp(), &wait_ms);
-		if (a->open != NULL && a->open->n >= V2_MAX_BATCH_EVENTS)
-			return false;
+		/* full: it waits its turn behind the account's other full ones */
+		dlist_push_tail(&a->full, &a->open->node);
+		a->open = NULL;
 	}
 	if (a->open == NULL)
 		a->open = new_batch(a);
 	a->open->events[a->open->n++] = e;
 	unsent++;
-	return true;
+	return SENDER_TAKEN;
+}
+
+/* nothing of account a is waiting, in flight or worth keeping at now */
+static bool
+account_idle(V2Account *a, TimestampTz now)
+{
+	const V2Session *s = &a->session;
+
+	return a->open == NULL && dlist_is_empty(&a->full) && dlist_is_empty(&a->solo) &&
+		a->in_flight == 0 &&
+		!s->creating &&
+		(s->token == NULL || now >= s->expires_at) &&
+		(s->retry_at == 0 || now >= s->retry_at);
 }
 
 /*
- * V2StreamFlush
- *		Send every batch that may go now, full or not.  Returns how long to
- *		wait before something held back may go (-1: until an answer).
+ * Free the state of every idle account, and publish how many accounts are
+ * left.  When none is left, the table itself is made again: a hash table
+ * keeps the entries it once had for reuse, so one busy hour of many
+ * accounts would otherwise hold their memory for good.  Nothing points
+ * into an empty table (batches and session requests in flight keep their
+ * account from being idle).
  */
-long
-V2StreamFlush(void)
+static void
+sweep_idle(TimestampTz now)
+{
+	HASH_SEQ_STATUS seq;
+	V2Account  *a;
+	long		n;
+
+	if (!TimestampDifferenceExceeds(last_sweep, now, SWEEP_INTERVAL_MS))
+		return;
+	last_sweep = now;
+	n = hash_get_num_entries(accounts);
+	if (n > peak)
+		peak = n;
+	hash_seq_init(&seq, accounts);
+	while ((a = hash_seq_search(&seq)) != NULL)
+	{
+		if (!account_idle(a, now))
+			continue;
+		if (last_account == a)
+			last_account = NULL;
+		V2SessionFree(&a->session);
+		/* removing the entry just returned is allowed during the scan */
+		hash_search(accounts, a->key, HASH_REMOVE, NULL);
+	}
+	n = hash_get_num_entries(accounts);
+	if (n == 0 && peak > ACCOUNTS_INITIAL)
+	{
+		hash_destroy(accounts);
+		make_accounts();
+	}
+	if (n != published)
+	{
+		StripeMeterSetStreamAccounts(MyDatabaseId, (int) n);
+		published = n;
+	}
+}
+
+/*
+ * Send every batch that may go now, full or not.  Their events are
+ * checked and marked sent first (hooks->mark_sending), all in one go: an
+ * event that may no longer be sent, or whose row a session holds, leaves
+ * its batch.  Returns how long to wait before something held back may go
+ * (-1: until an answer).
+ */
+static long
+v2_flush(void)
 {
 	HASH_SEQ_STATUS seq;
 	V2Account  *a;
 	TimestampTz now;
 	long		wait_ms = -1;
+	V2Batch   **going;
+	ClaimedEvent **events;
+	int			ngoing = 0;
+	int			nevents = 0;
+	int			i;
 
-	if (unsent == 0)
-		return -1;
 	now = GetCurrentTimestamp();
+	sweep_idle(now);
+	if (unsent == 0 || stripe_meter_max_in_flight <= StripeClientInFlight())
+		return -1;
+	going = palloc(sizeof(V2Batch *) * stripe_meter_max_in_flight);
 	hash_seq_init(&seq, accounts);
 	while ((a = hash_seq_search(&seq)) != NULL)
 	{
-		if (!flush_account(a, now, &wait_ms))
+		if (!take_ready_batches(a, now, &wait_ms, going, &ngoing))
 		{
 			hash_seq_term(&seq);
 			break;
 		}
 	}
+
+	events = palloc(sizeof(ClaimedEvent *) * Max(ngoing, 1) * V2_MAX_BATCH_EVENTS);
+	for (i = 0; i < ngoing; i++)
+	{
+		int			j;
+
+		for (j = 0; j < going[i]->n; j++)
+			events[nevents++] = going[i]->events[j];
+		unsent -= going[i]->n;
+	}
+	(void) hooks->mark_sending(events, nevents);
+
+	for (i = 0; i < ngoing; i++)
+	{
+		V2Batch    *b = going[i];
+		int			j;
+		int			kept = 0;
+
+		for (j = 0; j < b->n; j++)
+			if (b->events[j]->sent)
+				b->events[kept++] = b->events[j];
+		b->n = kept;
+		if (b->n > 0)
+			send_batch(b->account, b);
+		else
+			free_batch(b);
+	}
+	pfree(events);
+	pfree(going);
 	return wait_ms;
 }
 
-int
-V2StreamUnsent(void)
+static int
+v2_unsent(void)
 {
 	return unsent;
 }
@@ -372,17 +511,30 @@ release_account(V2Account *a, TimestampTz not_before)
 	int			n = 0;
 	int			i;
 
-	while (a->solo_head != NULL)
+	while (!dlist_is_empty(&a->solo))
 	{
-		ClaimedEvent *e = a->solo_head;
+		ClaimedEvent *e = dlist_container(ClaimedEvent, node,
+										  dlist_pop_head_node(&a->solo));
 
-		a->solo_head = e->next;
 		e->outcome.verdict = VERDICT_RELEASE;
 		e->outcome.not_before = not_before;
 		hooks->event_done(e);
 		n++;
 	}
-	a->solo_tail = NULL;
+	while (!dlist_is_empty(&a->full))
+	{
+		V2Batch    *b = dlist_container(V2Batch, node,
+										dlist_pop_head_node(&a->full));
+
+		for (i = 0; i < b->n; i++)
+		{
+			b->events[i]->outcome.verdict = VERDICT_RELEASE;
+			b->events[i]->outcome.not_before = not_before;
+			hooks->event_done(b->events[i]);
+			n++;
+		}
+		free_batch(b);
+	}
 	if (a->open != NULL)
 	{
 		V2Batch    *b = a->open;
@@ -401,12 +553,11 @@ release_account(V2Account *a, TimestampTz not_before)
 }
 
 /*
- * V2StreamReleaseUnsent
- *		Delivery paused: every event handed over and not yet sent goes back
- *		to the worker, never sent.
+ * Delivery paused: every event handed over and not yet sent goes back to
+ * the scheduler, never sent.
  */
-void
-V2StreamReleaseUnsent(void)
+static void
+v2_release_unsent(void)
 {
 	HASH_SEQ_STATUS seq;
 	V2Account  *a;
@@ -420,12 +571,11 @@ V2StreamReleaseUnsent(void)
 }
 
 /*
- * V2StreamReleaseAccount
- *		A Connect account is paused: its events handed over and not yet sent
- *		go back to the worker, never sent, due again at not_before.
+ * A Connect account is paused: its events handed over and not yet sent go
+ * back to the scheduler, never sent, due again at not_before.
  */
-void
-V2StreamReleaseAccount(const char *account, TimestampTz not_before)
+static void
+v2_release_account(const char *account, TimestampTz not_before)
 {
 	char		key[ACCOUNT_KEY_LEN];
 	V2Account  *a;
@@ -438,3 +588,19 @@ V2StreamReleaseAccount(const char *account, TimestampTz not_before)
 	if (a != NULL)
 		unsent -= release_account(a, not_before);
 }
+
+const Sender V2Sender = {
+	.api_version = STRIPE_API_V2,
+	.events_per_request = V2_MAX_BATCH_EVENTS,
+	.keyed = false,
+	.sends_at_once = false,
+	.init = v2_init,
+	.encode = v2_encode,
+	.destination = v2_destination,
+	.has_room = v2_has_room,
+	.add = v2_add,
+	.flush = v2_flush,
+	.unsent = v2_unsent,
+	.release_unsent = v2_release_unsent,
+	.release_account = v2_release_account,
+};

@@ -1,5 +1,6 @@
 #!/usr/bin/perl
-# Self-test of the mock's lifecycle endpoints (test/mock/lifecycle.js):
+# Self-test of the mock's lifecycle endpoints (test/mock/lib/meters.js,
+# event-summaries.js, adjustments.js, error-reports.js):
 # the errors Stripe gives that the extension's TAP tests do not provoke.
 #   perl -I test/perl test/mock/selftest_lifecycle.pl
 use strict;

@@ -166,7 +166,7 @@ for my $id (sort keys %req)
 	ok(defined $h->{authorization} && $h->{authorization} eq "Bearer $API_KEY",
 		"$label{$id}: Authorization: Bearer <the configured key>");
 	is($h->{'stripe-version'}, '2026-09-30.endive', "$label{$id}: default Stripe-Version");
-	is($h->{'idempotency-key'}, $id, "$label{$id}: Idempotency-Key is the identifier");
+	is($h->{'idempotency-key'}, "meter_event:$id", "$label{$id}: Idempotency-Key is meter_event: and the identifier");
 	like($h->{'user-agent'} // '', qr{^stripe_meter/}, "$label{$id}: User-Agent names stripe_meter");
 	is($h->{'content-type'}, 'application/x-www-form-urlencoded', "$label{$id}: Content-Type");
 	if ($id eq 'evt-acct-1')

@@ -124,7 +124,7 @@ for my $case (['o-reset-after', 'a reset'], ['o-timeout-after', 'a timeout'],
 	is(scalar @{ mock_events_for($mock, $id) }, 1, "$id: billed once");
 	my $reqs = requests_for($mock, $id);
 	is(scalar @$reqs, 2, "$id: mock saw two requests");
-	is($reqs->[1]{headers}{'idempotency-key'}, $id, "$id: the resend carries the same key");
+	is($reqs->[1]{headers}{'idempotency-key'}, "meter_event:$id", "$id: the resend carries the same key");
 	is($r->{meter_event}{identifier}, $id, "$id: the replayed object is stored");
 }
 
@@ -135,7 +135,7 @@ for my $case (['o-reset-after', 'a reset'], ['o-timeout-after', 'a timeout'],
 	my $reqs = requests_for($mock, $id);
 	is(scalar @$reqs, 2, 'identifier with a space: two requests (a 500, then success)');
 	my @keys = map { $_->{headers}{'idempotency-key'} // '' } @$reqs;
-	like($keys[0], qr/^stripe-meter-sha256-[0-9a-f]{64}$/,
+	like($keys[0], qr/^meter_event_sha256:[0-9a-f]{64}$/,
 		'identifier with a space: Idempotency-Key derived from it');
 	is($keys[1], $keys[0], 'identifier with a space: the same key on the retry');
 	is(scalar @{ mock_events_for($mock, $id) }, 1, 'identifier with a space: billed once');
@@ -164,12 +164,14 @@ for my $case (['o-reset-after', 'a reset'], ['o-timeout-after', 'a timeout'],
 	like($r->{reason}, qr/HTTP 400/, 'o-400: reason names the status');
 	like($r->{reason}, qr/Invalid value for payload\[value\]/, "o-400: reason has Stripe's message");
 	is($r->{attempts}, 1, 'o-400: one attempt');
+	ok(!$r->{maybe_billed}, 'o-400: not maybe_billed (Stripe refused it)');
 
 	$r = row('failed_events', 'o-500-noretry');
 	is(scalar @{ requests_for($mock, 'o-500-noretry') }, 1, 'o-500-noretry: not retried');
 	is($r->{http_status}, 500, 'o-500-noretry: http_status 500');
 	is_deeply($r->{stripe_error}, $error_500, 'o-500-noretry: stripe_error kept');
 	like($r->{reason}, qr/not to retry/, 'o-500-noretry: reason says Stripe said not to retry');
+	ok($r->{maybe_billed}, 'o-500-noretry: maybe_billed (the request may have run)');
 }
 isnt($node->safe_psql('postgres', 'SELECT last_error FROM stripe_meter.status'), '',
 	'status.last_error shows a delivery error');

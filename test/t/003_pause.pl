@@ -58,7 +58,7 @@ wait_for($node, 'SELECT count(*) FROM stripe_meter.meter_events', '7',
 wait_for($node, 'SELECT paused IS NULL FROM stripe_meter.status', 't', 'no longer paused');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM stripe_meter.outbox'), '0', 'outbox empty');
 {
-	# worker.c set_paused(NULL) logs the resume only when pause_reason is
+	# pauses.c PauseDelivery(NULL) logs the resume only when pause_reason is
 	# set, but the reload path clears pause_reason just before calling it.
 	ok(slurp_file($node->logfile, $log_start) =~ /stripe_meter worker resumed delivery/,
 		'a LOG line says delivery resumed');

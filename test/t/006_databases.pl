@@ -111,7 +111,7 @@ is($node->safe_psql('postgres', workers_in('noext')), '0', 'noext: still no work
 
 # A worker that found no extension must not be started again.  Proving that
 # something does not happen takes a bound: the launcher restarts a worker it
-# takes for crashed after 2 s (RESTART_DELAY_MS in launcher.c), so watch
+# takes for crashed after 2 s (RESTART_DELAY_MS in slots.c), so watch
 # each database for three times that long after its worker left, and stop
 # as soon as a new worker's transactions show up.
 sub started_again

@@ -46,6 +46,10 @@ like($reason, qr/resend_window|more than 1 seconds? ago/,
 like($reason, qr/billed twice/, 'rw-timeout: reason says why');
 is(scalar @{ mock_events_for($mock, 'rw-timeout') }, 1, 'rw-timeout: billed exactly once');
 is(scalar @{ requests_for($mock, 'rw-timeout') }, 1, 'rw-timeout: sent once, never resent');
+is($node->safe_psql('postgres', q{
+		SELECT maybe_billed, unknown_outcome_since IS NOT NULL
+		  FROM stripe_meter.failed_events WHERE identifier = 'rw-timeout'}),
+	't|t', 'rw-timeout: maybe_billed, keeping when its outcome became unknown');
 
 wait_for($node, q{SELECT outcome || ',' || attempts FROM stripe_meter.meter_events WHERE identifier = 'rw-429'},
 	'created,5', 'rw-429: retried past the window (answers were definite) and delivered');
@@ -69,6 +73,9 @@ is($node->safe_psql('postgres',
 		q{SELECT http_status IS NULL FROM stripe_meter.failed_events WHERE identifier = 'rw-old'}),
 	't', 'rw-old: no HTTP status, as nothing was sent');
 is(scalar @{ requests_for($mock, 'rw-old') }, 0, 'rw-old: the mock saw no request for it');
+is($node->safe_psql('postgres',
+		q{SELECT maybe_billed FROM stripe_meter.failed_events WHERE identifier = 'rw-old'}),
+	'f', 'rw-old: not maybe_billed, as it was never sent');
 
 note('failed attempts: ' . $node->safe_psql('postgres',
 		q{SELECT string_agg(identifier || '=' || attempts, ' ') FROM stripe_meter.failed_events}));

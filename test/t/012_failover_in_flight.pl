@@ -98,8 +98,8 @@ for my $req (@{ meter_requests($mock) })
 	$keys{$id}{ $req->{headers}{'idempotency-key'} // '' } = 1;
 	$sent{$id}++;
 }
-is(scalar(grep { keys %{ $keys{$_} } != 1 || !$keys{$_}{$_} } keys %keys), 0,
-	'every request for an identifier carried that identifier as its Idempotency-Key');
+is(scalar(grep { keys %{ $keys{$_} } != 1 || !$keys{$_}{"meter_event:$_"} } keys %keys), 0,
+	'every request for an identifier carried meter_event: and that identifier as its Idempotency-Key');
 my $replayed = $standby->safe_psql('postgres',
 	q{SELECT count(*) FROM stripe_meter.meter_events WHERE outcome = 'replayed'});
 cmp_ok($replayed, '>', 0,

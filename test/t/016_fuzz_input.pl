@@ -1,7 +1,7 @@
 # Bad input, generated: thousands of malformed (and valid) meter events thrown
 # at every enqueue path -- stripe_meter_event_create(), a direct INSERT into
 # stripe_meter.outbox and the row trigger stripe_meter_event_trigger -- by an
-# application role holding exactly the README's GRANTs.
+# application role holding exactly the GRANTs of doc/security.md (Privileges).
 #
 # Each case is a valid event plus at most one mutation (the trigger tables
 # add faults of their own), and each mutation says which SQLSTATEs it may

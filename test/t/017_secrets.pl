@@ -1,7 +1,7 @@
 # The API key stays secret from every non-superuser, and out of the server
 # log, at the default log level and at debug5, through key rotation,
 # delivery and every error path; and a monitoring role can do exactly what
-# README's Privileges section grants, nothing more.
+# the Privileges section of doc/security.md grants, nothing more.
 #
 # (test/t/003 checks the pause line and status.paused; sql/privileges.sql
 # checks SHOW and current_setting for an application role and its GRANTs.)
@@ -32,7 +32,7 @@ my $mock = start_mock();
 my $node = new_node('secrets', mock => $mock);
 my $log_start = 0;
 
-# Roles: the README's application and monitoring roles, and a role with
+# Roles: doc/security.md's application and monitoring roles, and a role with
 # PostgreSQL's own monitoring privileges, which may read every setting and
 # every session's query.
 $node->safe_psql('postgres', q{
@@ -133,7 +133,7 @@ unlike($err, qr/TypedByAttacker77/, '... without repeating it');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_db_role_setting'), '0',
 	'no key stored in pg_db_role_setting');
 
-# --- the monitoring role can do what README grants, and nothing else -------------
+# --- the monitoring role can do what doc/security.md grants, and nothing else ----
 like(as_role('monitor', 'SELECT delivered FROM stripe_meter.status;'), qr/^3$/m,
 	'monitor reads stripe_meter.status');
 like(as_role('monitor', 'SELECT worker_pid IS NOT NULL FROM stripe_meter.worker_state();'), qr/^t$/m,

@@ -1,7 +1,7 @@
 # SECURITY DEFINER functions, and the outbox trigger, cannot be hijacked
 # through search_path.
 #
-# A role holding the README's GRANTs (plus EXECUTE on the retry function)
+# A role holding doc/security.md's GRANTs (plus EXECUTE on the retry function)
 # shadows, in its own schema, every pg_catalog function and operator over
 # everyday types, and creates temporary tables named like the extension's
 # tables; it puts pg_temp and its schema first in search_path, and then
@@ -39,7 +39,7 @@ $node->safe_psql('postgres', q{
 	GRANT INSERT (event_name, payload, identifier, ts, stripe_account) ON stripe_meter.outbox TO app;
 	GRANT EXECUTE ON FUNCTION stripe_meter_event_create(text, jsonb, text, timestamptz, text) TO app;
 	GRANT EXECUTE ON FUNCTION stripe_meter_event_trigger() TO app;
-	GRANT EXECUTE ON FUNCTION stripe_meter_retry_failed(text) TO app;
+	GRANT EXECUTE ON FUNCTION stripe_meter_retry_failed(text, boolean) TO app;
 	GRANT EXECUTE ON FUNCTION stripe_meter_event_cancel(text, text) TO app;
 	GRANT EXECUTE ON FUNCTION stripe_meter_sync_meters() TO app;
 	GRANT EXECUTE ON FUNCTION stripe_meter_reconcile(text, text, timestamptz, timestamptz, text, text) TO app;

@@ -165,6 +165,22 @@ for my $v (@old_versions)
 		q{SELECT jsonb_agg(to_jsonb(o) ORDER BY id) FROM stripe_meter.outbox o});
 	is(scalar @{ $queued{$db} }, 53, "$db: 53 events queued at $v");
 
+	# The release's stripe_meter_retry_failed(), run by the new library on
+	# the old tables (no maybe_billed column yet), still queues failed events
+	# again, one by name and all.
+	$node->safe_psql($db, qq{
+		INSERT INTO stripe_meter.failed_events
+			(identifier, event_name, payload, ts, customer, reason, enqueued_at, attempts)
+		SELECT '$db-failed-' || i, 'ai_search_api', '{"stripe_customer_id": "cus_F", "value": 1}',
+			   now(), 'cus_F', 'refused', now(), 1
+		  FROM generate_series(1, 2) i});
+	is($node->safe_psql($db, qq{
+		SELECT stripe_meter_retry_failed('$db-failed-1');
+		SELECT stripe_meter_retry_failed();
+		DELETE FROM stripe_meter.outbox WHERE identifier LIKE '$db-failed-%';
+		SELECT count(*) FROM stripe_meter.failed_events}),
+		"1\n1\n0", "$db: retry_failed() of $v works with the new library");
+
 	# The new library meets the old schema (a package upgrade and a restart
 	# before ALTER EXTENSION ... UPDATE): enqueueing works, as above, and the
 	# worker delivers nothing until the update, saying why.

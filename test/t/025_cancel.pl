@@ -1,7 +1,8 @@
 # Cancellations: an event still queued is removed and never sent; a
 # delivered one gets a cancel adjustment delivered by the worker with the
 # event's guarantees (same Idempotency-Key on every attempt, retried on 5xx,
-# a lost answer replayed, Stripe's refusal parked with the reason, the
+# a lost answer replayed, a 5xx Stripe stored for the key failed at once,
+# Stripe's refusal parked with the reason, the
 # connected account's header); one in flight is cancelled once its delivery
 # is recorded.
 use strict;
@@ -84,7 +85,7 @@ my $reqs = adj_requests('c-1');
 is(scalar @$reqs, 1, 'c-1: one request');
 is(form_value($reqs->[0]{body}, 'type'), 'cancel', 'c-1: type=cancel');
 is(form_value($reqs->[0]{body}, 'event_name'), 'ai_search_api', 'c-1: the event name');
-is($reqs->[0]{headers}{'idempotency-key'}, 'cancel-c-1', 'c-1: Idempotency-Key derived from the identifier');
+is($reqs->[0]{headers}{'idempotency-key'}, 'meter_event_adjustment:c-1', 'c-1: Idempotency-Key derived from the identifier');
 ok(!defined $reqs->[0]{headers}{'stripe-account'}, 'c-1: no Stripe-Account');
 is(cancelled_at_stripe('c-1'), 1, 'c-1: the mock cancelled it');
 
@@ -107,8 +108,8 @@ enqueue('c-lost');
 delivered('c-500');
 delivered('c-lost');
 $mock->script([
-	{ match => { path => $ADJ, idempotency_key => 'cancel-c-500' }, times => 1, fault => '500' },
-	{ match => { path => $ADJ, idempotency_key => 'cancel-c-lost' }, times => 1, fault => 'reset_after' },
+	{ match => { path => $ADJ, idempotency_key => 'meter_event_adjustment:c-500' }, times => 1, fault => '500' },
+	{ match => { path => $ADJ, idempotency_key => 'meter_event_adjustment:c-lost' }, times => 1, fault => 'reset_after' },
 ]);
 cancel('c-500');
 cancel('c-lost');
@@ -117,8 +118,24 @@ wait_for($node, q{SELECT status || ',' || outcome || ',' || attempts FROM stripe
 wait_for($node, q{SELECT status || ',' || outcome || ',' || attempts FROM stripe_meter.adjustments WHERE identifier = 'c-lost'},
 	'done,replayed,2', 'c-lost: the resend got the stored answer');
 my @keys = map { $_->{headers}{'idempotency-key'} } @{ adj_requests('c-lost') };
-is_deeply(\@keys, [ 'cancel-c-lost', 'cancel-c-lost' ], 'c-lost: both attempts carried the same key');
+is_deeply(\@keys, [ 'meter_event_adjustment:c-lost', 'meter_event_adjustment:c-lost' ], 'c-lost: both attempts carried the same key');
 is(cancelled_at_stripe('c-lost'), 1, 'c-lost: cancelled once');
+
+# A 500 that Stripe stored for the cancellation's key (it began to execute,
+# then failed) is replayed to every resend before the key expires: failed
+# at once, its state unknown, not resent until the resend window ends.
+enqueue('c-stored');
+delivered('c-stored');
+$mock->script([
+	{ match => { path => $ADJ, idempotency_key => 'meter_event_adjustment:c-stored' }, times => 1, fault => '500_after' },
+]);
+cancel('c-stored');
+wait_for($node, q{SELECT status || ',' || attempts || ',' || http_status FROM stripe_meter.adjustments WHERE identifier = 'c-stored'},
+	'failed,2,500', 'c-stored: failed when Stripe replays the 500 it stored');
+like(adjustment('c-stored')->{last_error},
+	qr/^cancellation state unknown: Stripe replays the HTTP 500 it stored for this idempotency key/,
+	'c-stored: the reason says the cancellation may or may not have taken effect');
+is(scalar @{ adj_requests('c-stored') }, 2, 'c-stored: not resent after the replay');
 
 # 5. Someone cancelled it in Stripe already: done, nothing to do.
 enqueue('c-dup');
@@ -139,8 +156,8 @@ cancel('c-late');
 wait_for($node, q{SELECT status FROM stripe_meter.adjustments WHERE identifier = 'c-late'},
 	'failed', 'c-late: failed');
 like(adjustment('c-late')->{last_error}, qr/24 hours/, 'c-late: Stripe\'s reason kept');
-is($node->safe_psql('postgres', 'SELECT cancels_failed FROM stripe_meter.status'), '1',
-	'status counts the failed cancellation');
+is($node->safe_psql('postgres', 'SELECT cancels_failed FROM stripe_meter.status'), '2',
+	'status counts the failed cancellations (c-stored, c-late)');
 $mock->config({ cancel_window_s => 86400 });
 
 # Older than 24 hours here: refused before anything is queued.

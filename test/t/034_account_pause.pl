@@ -87,7 +87,8 @@ is($mock->stats->{identifiers_billed_multiple_times}, 0, 'nothing billed twice')
 
 # the account is tried again by itself, at the retry interval
 $mock->config({ revoked_accounts => [$revoked] });
-$node->append_conf('postgresql.conf', "stripe_meter.account_retry_interval = '2s'");
+$node->append_conf('postgresql.conf',
+	"stripe_meter.account_retry_interval = '2s'\nstripe_meter.resend_window = '1h'\n");
 $node->reload;
 enqueue('postgres', 'v1-again', 5, $revoked);
 wait_for($node, 'SELECT paused_accounts IS NOT NULL FROM stripe_meter.status', 't',
@@ -96,6 +97,45 @@ $mock->config({ revoked_accounts => [] });
 wait_for($node,
 	q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE 'v1-again-%'},
 	'5', 'tried again by itself, and delivered once access is back');
+
+# v2 likewise, for an account that has no session yet: its trial first waits
+# for the session to be created, and then still goes out as the account's
+# one probe, without a reload
+$mock->config({ revoked_accounts => ['acct_1Later'] });
+enqueue('v2db', 'v2-nosession', 5, 'acct_1Later');
+wait_for($node,
+	q{SELECT paused_accounts->0->>'stripe_account' = 'acct_1Later' FROM stripe_meter.status},
+	't', 'v2: an account without a session is paused when its session is refused', 'v2db');
+$mock->config({ revoked_accounts => [] });
+wait_for($node,
+	q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE 'v2-nosession-%'},
+	'5', 'v2: tried again by itself, and delivered once access is back', 'v2db');
+wait_for($node, 'SELECT paused_accounts IS NULL FROM stripe_meter.status', 't',
+	'v2: and the account is no longer paused', 'v2db');
+
+# A probe dropped before it goes out gives the account's turn back: here the
+# probe has waited past the resend window, so its batch fails it unsent
+# when access is back; the account's next event is still tried, without a
+# reload
+$mock->config({ revoked_accounts => ['acct_1Drop'] });
+$node->safe_psql('v2db', q{
+	BEGIN;
+	SELECT stripe_meter_event_create('api_requests',
+		'{"stripe_customer_id": "cus_drop", "value": 1}', 'v2-drop-old', NULL, 'acct_1Drop');
+	UPDATE stripe_meter.outbox SET unknown_outcome_since = now() - interval '2 hours'
+	 WHERE identifier = 'v2-drop-old';
+	COMMIT;});
+wait_for($node,
+	q{SELECT paused_accounts->0->>'stripe_account' = 'acct_1Drop' FROM stripe_meter.status},
+	't', 'v2: the account is paused with an event too old to resend', 'v2db');
+$mock->config({ revoked_accounts => [] });
+wait_for($node,
+	q{SELECT reason LIKE 'not resent:%' FROM stripe_meter.failed_events WHERE identifier = 'v2-drop-old'},
+	't', 'v2: the probe is failed unsent when its batch goes', 'v2db');
+enqueue('v2db', 'v2-drop-next', 1, 'acct_1Drop');
+wait_for($node,
+	q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier = 'v2-drop-next-1'},
+	'1', 'v2: the account\'s next event is tried and delivered', 'v2db');
 
 # the key itself revoked: the platform's requests answer 401 and the whole
 # database pauses, as before

@@ -1,8 +1,10 @@
 /*-------------------------------------------------------------------------
  *
- * enqueue_probe.c
+ * store_probe.c
  *	  The per-row lookups of the outbox's validation trigger, done as direct
- *	  probes of the unique indexes instead of SQL.
+ *	  probes of the unique indexes instead of SQL.  Part of the store layer
+ *	  (store.c): the one place besides the SQL of the store files that
+ *	  reads the extension's tables.
  *
  * Every queued row needs its meter's payload keys and status, whether
  * meters were ever synced, and whether its identifier is already queued,
@@ -21,7 +23,7 @@
  * Copyright (c) 2026, stripe_meter developers
  *
  * IDENTIFICATION
- *	  src/enqueue_probe.c
+ *	  src/store_probe.c
  *
  *-------------------------------------------------------------------------
  */
@@ -202,13 +204,13 @@ slot_text_or_null(TupleTableSlot *slot, AttrNumber attnum)
 }
 
 /*
- * EnqueueProbeMeter
+ * StoreProbeMeter
  *		The row of stripe_meter.meters for an event name, if any.
  *
  * Strings are palloc'd in the current memory context.
  */
 void
-EnqueueProbeMeter(const char *event_name, EnqueueMeter *meter)
+StoreProbeMeter(const char *event_name, EnqueueMeter *meter)
 {
 	TupleTableSlot *slot;
 
@@ -225,12 +227,12 @@ EnqueueProbeMeter(const char *event_name, EnqueueMeter *meter)
 }
 
 /*
- * EnqueueProbeMetersSynced
+ * StoreProbeMetersSynced
  *		Whether stripe_meter_sync_meters() ever succeeded: false as well
  *		when the schema predates meter sync or its one row is missing.
  */
 bool
-EnqueueProbeMetersSynced(void)
+StoreProbeMetersSynced(void)
 {
 	Relation	rel;
 	TableScanDesc scan;
@@ -258,12 +260,12 @@ EnqueueProbeMetersSynced(void)
 }
 
 /*
- * EnqueueProbeIdentifier
+ * StoreProbeIdentifier
  *		Where an identifier is in use: ENQUEUE_ID_UNUSED, or queued,
  *		delivered or failed (checked in that order).
  */
 EnqueueIdentifierUse
-EnqueueProbeIdentifier(const char *identifier)
+StoreProbeIdentifier(const char *identifier)
 {
 	Datum		key;
 

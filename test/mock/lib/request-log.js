@@ -1,0 +1,43 @@
+// request-log.js: the log of the Stripe requests received (GET
+// /__mock/requests), a ring buffer of config.request_log_size entries kept
+// in the state (st.log, st.logPos, st.logCount). Tests read it to see exactly
+// what stripe_meter sent: headers, body, and how each request was answered.
+'use strict';
+
+const LOG_BODY_MAX = 16384;
+
+// A request's entry, logged when its body has arrived; status, fault,
+// replayed and duration_ms are filled in as it is answered.
+function newLogEntry(ctx, req, path) {
+  return {
+    time: ctx.t0, method: ctx.method, path, query: req.url.slice(path.length + 1), headers: req.headers,
+    body: ctx.raw.length > LOG_BODY_MAX ? ctx.raw.slice(0, LOG_BODY_MAX) : ctx.raw,
+    status: null, fault: null, replayed: false, request_id: ctx.requestId, duration_ms: null,
+  };
+}
+
+function resizeLog(st, size) {
+  const old = recentLog(st, st.logCount);
+  st.log = new Array(size);
+  st.logPos = 0;
+  st.logCount = 0;
+  for (const e of old.slice(-size)) pushLog(st, e);
+}
+
+function pushLog(st, entry) {
+  const n = st.log.length;
+  if (n === 0) return;
+  st.log[st.logPos] = entry;
+  st.logPos = (st.logPos + 1) % n;
+  if (st.logCount < n) st.logCount++;
+}
+
+function recentLog(st, limit) {
+  const n = st.log.length;
+  const count = Math.min(limit, st.logCount);
+  const out = [];
+  for (let i = count; i >= 1; i--) out.push(st.log[(st.logPos - i + n) % n]);
+  return out;
+}
+
+module.exports = { newLogEntry, pushLog, recentLog, resizeLog };
