@@ -52,7 +52,7 @@ bash "$src/scripts/pg-root.sh" run-in "$root" '
 secs=$(($(date +%s) - start))
 if [ $status -eq 0 ] && summary="$(bash "$src/scripts/suite-summary.sh" "$log")"; then
 	echo "PostgreSQL 15: passed in a fresh Debian 12 root (server and git only): $summary; $((secs / 60)) min $((secs % 60)) s"
-	rm -rf "$root"
+	rm -rf --one-file-system "$root"
 	exit 0
 fi
 echo "PostgreSQL 15: FAILED in a fresh Debian 12 root (exit $status): $(bash "$src/scripts/suite-summary.sh" "$log" || true); after $((secs / 60)) min $((secs % 60)) s; end of $log:"

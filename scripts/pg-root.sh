@@ -25,6 +25,15 @@ cache="${STRIPE_METER_ROOTS:-/var/cache/stripe_meter/roots}"
 die() { echo "pg-root: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "needs root (debootstrap, chroot, mount)"
 
+# The mounts a root needs (/proc, /dev) live in this script's own mount
+# namespace, so they vanish with it even when it is killed.  A /dev bind
+# mount left behind on the machine would let a later rm -rf of the root
+# delete the machine's own device nodes.
+if [ -z "${STRIPE_METER_ROOT_NS:-}" ]; then
+	export STRIPE_METER_ROOT_NS=1
+	exec unshare --mount --propagation private bash "$0" "$@"
+fi
+
 # The Debian suite that carries each major, and the root that holds it.
 suite_of() {
 	case "$1" in
@@ -52,6 +61,18 @@ root_apt() {
 		apt-get -o Acquire::Check-Valid-Until=false -o Dpkg::Use-Pty=0 "$@"
 }
 
+# Remove a root: unmount whatever is mounted inside it first, deepest first,
+# and never cross into another file system.
+remove_tree() {
+	local dir="$1" m
+	[ -e "$dir" ] || return 0
+	dir="$(realpath "$dir")"
+	for m in $(awk -v d="$dir" '$2 == d || index($2, d "/") == 1 { print $2 }' /proc/self/mounts | sort -r); do
+		umount "$m" 2>/dev/null || umount -l "$m"
+	done
+	rm -rf --one-file-system "$dir"
+}
+
 bootstrap() {
 	local suite="$1" root="$2"
 	local m
@@ -60,7 +81,7 @@ bootstrap() {
 		apt-get update -qq
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
 	}
-	rm -rf "$root"
+	remove_tree "$root"
 	mkdir -p "$(dirname "$root")"
 	echo "pg-root: debootstrap $suite into $root"
 	debootstrap --variant=minbase "$suite" "$root" "$m" >"$root.debootstrap.log" 2>&1 || {
@@ -190,9 +211,10 @@ fresh)
 		mounts_down "$tmp"
 		root_apt "$tmp" clean
 		tar -C "$tmp" -cf "$base.part" . && mv "$base.part" "$base"
-		rm -rf "$tmp" "$tmp.apt.log"
+		remove_tree "$tmp"
+		rm -f "$tmp.apt.log"
 	fi
-	rm -rf "$1"
+	remove_tree "$1"
 	mkdir -p "$1"
 	tar -C "$1" -xf "$base"
 	;;
