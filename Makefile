@@ -36,7 +36,6 @@ OBJS = \
 	src/v2_outcome.o \
 	src/v2_session.o \
 	src/v2_stream.o \
-	src/stripe_sync.o \
 	src/lifecycle.o \
 	src/cancel.o \
 	src/store_cancel.o \

@@ -28,6 +28,7 @@
 #include "nodes/pg_list.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/memutils.h"
 
 #include "stripe_meter.h"
 
@@ -54,106 +55,160 @@ typedef struct AccountRead
 	char	   *account;		/* NULL: the key's own account */
 	char	   *cursor;			/* RFC 3339, or NULL: from the start */
 	List	   *pages;
+	int			npages;
+	char	   *error;			/* why its reports could not be read */
 } AccountRead;
 
-/* the accounts to read: the key's own, and connected ones billed lately */
-static List *
-accounts_to_read(MemoryContext mine)
-{
-	List	   *reads = NIL;
-	ListCell   *lc;
-
-	foreach(lc, StoreErrorsAccounts(CURSOR_OVERLAP_SECS, MAX_ACCOUNTS, mine))
-	{
-		ErrorReportAccount *a = lfirst(lc);
-		AccountRead *r = MemoryContextAllocZero(mine, sizeof(AccountRead));
-		MemoryContext old;
-
-		r->account = a->account;
-		r->cursor = a->cursor;
-		old = MemoryContextSwitchTo(mine);	/* outlives the transaction */
-		reads = lappend(reads, r);
-		MemoryContextSwitchTo(old);
-	}
-	return reads;
-}
-
-/* read every page of one account's reports; NULL, or why not */
-static char *
-read_account(AccountRead *r)
-{
-	char	   *path;
-	int			i;
-
-	path = r->cursor ?
-		psprintf("%s?%s&limit=100&created%%5Bgt%%5D=%s", EVENTS_PATH, EVENT_TYPES, r->cursor) :
-		psprintf("%s?%s&limit=100", EVENTS_PATH, EVENT_TYPES);
-	for (i = 0; path != NULL && i < MAX_PAGES; i++)
-	{
-		HttpResult	http;
-		StripeResponse page;
-
-		if (!StripeSyncRequest("GET", path, NULL, NULL, r->account, &http) ||
-			http.curl_code != 0 || http.status != 200)
-			return StripeSyncErrorText(&http);
-		StripeReadAnswer(&http, &page);
-		if (!page.valid)
-			return "Stripe's list of events could not be read";
-		r->pages = lappend(r->pages, pnstrdup(http.body, http.body_len));
-		path = next_page(&page);
-	}
-	return NULL;
-}
-
 /*
- * AsyncErrorsPull
- *		Read new error reports and mark the events they name: for the key's
- *		own account, and for each connected account billed in the last three
- *		days (with Stripe-Context).  Called by the worker with no
- *		transaction open; every page is read before anything is stored.
+ * The worker's run: every account's pages are read on the worker's HTTP
+ * client, a few accounts at a time and each account's pages one after the
+ * other, with no transaction open; then everything is stored in one
+ * transaction.  All of it lives in AsyncErrorsCalls.cxt until the run ends.
  */
-void
-AsyncErrorsPull(void)
+LifecycleCalls AsyncErrorsCalls;
+static List *run_reads;			/* AccountRead * */
+static int	run_next_account;	/* the next to start reading */
+
+#define ACCOUNTS_AT_ONCE	8	/* accounts read side by side */
+
+/* ask for one page of an account's reports: path NULL is the first page */
+static bool
+request_page(AccountRead *r, char *path)
 {
-	MemoryContext mine = CurrentMemoryContext;
-	List	   *reads;
+	StripeRequestSpec spec = {0};
+
+	if (path == NULL)
+		path = r->cursor ?
+			psprintf("%s?%s&limit=100&created%%5Bgt%%5D=%s", EVENTS_PATH, EVENT_TYPES, r->cursor) :
+			psprintf("%s?%s&limit=100", EVENTS_PATH, EVENT_TYPES);
+	spec.path = MemoryContextStrdup(AsyncErrorsCalls.cxt, path);
+	spec.stripe_account = r->account;
+	spec.stripe_context = true;
+	if (LifecycleCallStart(&AsyncErrorsCalls, &spec, r))
+		return true;
+	r->error = "the HTTP client refused the request";
+	return false;
+}
+
+/* start reading more accounts, up to ACCOUNTS_AT_ONCE in flight */
+static void
+start_accounts(void)
+{
+	while (AsyncErrorsCalls.in_flight < ACCOUNTS_AT_ONCE &&
+		   run_next_account < list_length(run_reads))
+		(void) request_page(list_nth(run_reads, run_next_account++), NULL);
+}
+
+/* every account read: store what was read, note what was not */
+static bool
+end_run(void)
+{
 	char	   *error = NULL;
 	ListCell   *lc;
 
-	if (!DeliveryStoreBegin())
-		return;
-	reads = accounts_to_read(mine);
-	DeliveryStoreCommit();
-	MemoryContextSwitchTo(mine);
-
-	foreach(lc, reads)
+	foreach(lc, run_reads)
 	{
 		AccountRead *r = lfirst(lc);
-		char	   *e = read_account(r);
 
-		if (e != NULL)
+		/* the others are still stored; this one is read again next time */
+		if (r->error != NULL)
+			error = r->account ? psprintf("%s (account %s)", r->error, r->account) :
+				r->error;
+	}
+	if (DeliveryStoreBegin())
+	{
+		foreach(lc, run_reads)
 		{
-			/* the others are still read; this one is tried again next time */
-			error = r->account ? psprintf("%s (account %s)", e, r->account) : e;
-			list_free(r->pages);
-			r->pages = NIL;
+			AccountRead *r = lfirst(lc);
+			ListCell   *pc;
+
+			if (r->error != NULL)
+				continue;
+			foreach(pc, r->pages)
+				StoreErrorsApplyPage((char *) lfirst(pc), r->account);
 		}
+		if (error != NULL)
+			ereport(LOG,
+					(errmsg("stripe_meter could not read Stripe's error reports: %s", error)));
+		StoreErrorsRecordRead(error);
+		DeliveryStoreCommit();
 	}
+	run_reads = NIL;
+	LifecycleCallsEnd(&AsyncErrorsCalls);
+	return false;
+}
 
+/*
+ * AsyncErrorsRunStart
+ *		Read new error reports and mark the events they name: for the key's
+ *		own account, and for each connected account billed in the last three
+ *		days (with Stripe-Context).  Every page is read before anything is
+ *		stored.
+ */
+bool
+AsyncErrorsRunStart(void)
+{
+	ListCell   *lc;
+	MemoryContext old;
+
+	run_reads = NIL;
+	run_next_account = 0;
 	if (!DeliveryStoreBegin())
-		return;
-	foreach(lc, reads)
+		return false;
+	foreach(lc, StoreErrorsAccounts(CURSOR_OVERLAP_SECS, MAX_ACCOUNTS, AsyncErrorsCalls.cxt))
 	{
-		AccountRead *r = lfirst(lc);
-		ListCell   *pc;
+		ErrorReportAccount *a = lfirst(lc);
+		AccountRead *r = MemoryContextAllocZero(AsyncErrorsCalls.cxt, sizeof(AccountRead));
 
-		foreach(pc, r->pages)
-			StoreErrorsApplyPage((char *) lfirst(pc), r->account);
+		r->account = a->account;
+		r->cursor = a->cursor;
+		/* not SPI's memory, current after a statement: the run's */
+		old = MemoryContextSwitchTo(AsyncErrorsCalls.cxt);
+		run_reads = lappend(run_reads, r);
+		MemoryContextSwitchTo(old);
 	}
-	if (error != NULL)
-		ereport(LOG,
-				(errmsg("stripe_meter could not read Stripe's error reports: %s", error)));
-	StoreErrorsRecordRead(error);
 	DeliveryStoreCommit();
-	MemoryContextSwitchTo(mine);
+
+	start_accounts();
+	return AsyncErrorsCalls.in_flight > 0 || end_run();
+}
+
+/*
+ * AsyncErrorsRunAdvance
+ *		Keep the pages that arrived and ask for the next ones; store all
+ *		when every account has been read.
+ */
+bool
+AsyncErrorsRunAdvance(void)
+{
+	LifecycleAnswer *answer;
+
+	while ((answer = LifecycleCallNextAnswer(&AsyncErrorsCalls)) != NULL)
+	{
+		AccountRead *r = answer->arg;
+		HttpResult *http = answer->http;
+		StripeResponse page;
+		char	   *next;
+		MemoryContext old;
+
+		if (http->curl_code != 0 || http->status != 200)
+		{
+			r->error = MemoryContextStrdup(AsyncErrorsCalls.cxt, StripeFailureText(http));
+			continue;
+		}
+		StripeReadAnswer(http, &page);
+		if (!page.valid)
+		{
+			r->error = "Stripe's list of events could not be read";
+			continue;
+		}
+		old = MemoryContextSwitchTo(AsyncErrorsCalls.cxt);
+		r->pages = lappend(r->pages, (char *) http->body);
+		MemoryContextSwitchTo(old);
+		next = next_page(&page);
+		if (next != NULL && ++r->npages < MAX_PAGES)
+			(void) request_page(r, next);
+	}
+	start_accounts();
+	return AsyncErrorsCalls.in_flight > 0 || end_run();
 }

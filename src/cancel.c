@@ -284,34 +284,59 @@ adjustment_body(ClaimedCancel *c)
 }
 
 /*
- * CancelDeliverDue
- *		Send up to limit due cancellations, one at a time, recording each
- *		answer in its own short transaction.  No transaction is open while a
- *		request is out.  Returns when the next queued one is due, or 0.
+ * The worker's run: a few due cancellations claimed in one short
+ * transaction, then sent one at a time, each answer recorded in its own
+ * transaction when it arrives.  No transaction is open while a request is
+ * out, and the delivery loop goes on meanwhile.
  */
-TimestampTz
-CancelDeliverDue(int limit)
+LifecycleCalls CancelCalls;
+static ClaimedCancel *run_claimed;	/* in CancelCalls.cxt */
+static int	run_count;
+static int	run_next;			/* the next to send */
+static TimestampTz run_next_due;	/* when the next queued one is due */
+
+#define CANCEL_BATCH		10	/* cancellations claimed per run */
+
+static void
+record_in_transaction(ClaimedCancel *c, CancelOutcome *o)
 {
-	ClaimedCancel *claimed;
-	int			n;
-	int			i;
-	TimestampTz next_due = 0;
-	MemoryContext mine = CurrentMemoryContext;
-
+	if (o->status == NULL || strcmp(o->status, "done") != 0)
+		ereport(o->status ? LOG : DEBUG1,
+				(errmsg("stripe_meter cancellation of \"%s\" %s: %s", c->identifier,
+						o->status ? "failed" : "will be retried", o->reason)));
+	/* the extension is gone: the worker notices and exits */
 	if (!DeliveryStoreBegin())
-		return 0;
-
-	/* cancellations waiting for their event's outcome, now recorded */
-	StoreCancelPromoteAwaiting();
-	n = StoreCancelClaim(limit, mine, &claimed);
+		return;
+	record(c, o);
 	DeliveryStoreCommit();
-	MemoryContextSwitchTo(mine);
+}
 
-	for (i = 0; i < n; i++)
+/* the run is over: when the next queued cancellation is due */
+static bool
+end_run(void)
+{
+	run_next_due = 0;
+	if (DeliveryStoreBegin())
 	{
-		ClaimedCancel *c = &claimed[i];
+		run_next_due = StoreCancelNextDue();
+		DeliveryStoreCommit();
+	}
+	LifecycleCallsEnd(&CancelCalls);
+	run_claimed = NULL;
+	return false;
+}
+
+/* send the next claimed cancellation that may still go; false: none left */
+static bool
+send_next(void)
+{
+	while (run_next < run_count)
+	{
+		ClaimedCancel *c = &run_claimed[run_next++];
 		CancelOutcome o;
 		TimestampTz now = GetCurrentTimestamp();
+		StripeRequestSpec spec = {0};
+		MemoryContext old;
 
 		memset(&o, 0, sizeof(o));
 		if (c->received_at != 0 &&
@@ -319,40 +344,78 @@ CancelDeliverDue(int limit)
 		{
 			o.status = "failed";
 			o.reason = "not sent: Stripe received the event more than 24 hours ago and no longer cancels it";
+			record_in_transaction(c, &o);
+			continue;
 		}
-		else if (c->unknown_outcome_since != 0 &&
-				 TimestampDifferenceExceeds(c->unknown_outcome_since, now,
-											stripe_meter_resend_window * 1000))
+		if (c->unknown_outcome_since != 0 &&
+			TimestampDifferenceExceeds(c->unknown_outcome_since, now,
+									   stripe_meter_resend_window * 1000))
 		{
 			o.status = "failed";
 			o.reason = "not resent: an attempt whose outcome is unknown was made longer ago than stripe_meter.resend_window";
+			record_in_transaction(c, &o);
+			continue;
 		}
-		else
-		{
-			HttpResult	http;
 
-			(void) StripeSyncRequest("POST", ADJUSTMENTS_PATH, adjustment_body(c),
-									 FormEncodeIdempotencyKey(IDEMPOTENCY_KIND_ADJUSTMENT,
-															  c->identifier),
-									 c->stripe_account, &http);
-			classify(&http, c->received_at != 0, &o);
-		}
-		if (o.status == NULL || strcmp(o.status, "done") != 0)
-			ereport(o.status ? LOG : DEBUG1,
-					(errmsg("stripe_meter cancellation of \"%s\" %s: %s", c->identifier,
-							o.status ? "failed" : "will be retried", o.reason)));
-
-		if (!DeliveryStoreBegin())
-			return 0;
-		record(c, &o);
-		DeliveryStoreCommit();
-		MemoryContextSwitchTo(mine);
+		old = MemoryContextSwitchTo(CancelCalls.cxt);
+		spec.path = ADJUSTMENTS_PATH;
+		spec.body = adjustment_body(c);
+		spec.idempotency_key = FormEncodeIdempotencyKey(IDEMPOTENCY_KIND_ADJUSTMENT,
+														c->identifier);
+		spec.stripe_account = c->stripe_account;
+		MemoryContextSwitchTo(old);
+		if (LifecycleCallStart(&CancelCalls, &spec, c))
+			return true;
+		o.reason = "the HTTP client refused the request";
+		record_in_transaction(c, &o);
 	}
+	return false;
+}
 
+/*
+ * CancelRunStart
+ *		Claim up to CANCEL_BATCH due cancellations and send the first.
+ */
+bool
+CancelRunStart(void)
+{
 	if (!DeliveryStoreBegin())
-		return 0;
-	next_due = StoreCancelNextDue();
+		return false;
+	/* cancellations waiting for their event's outcome, now recorded */
+	StoreCancelPromoteAwaiting();
+	run_count = StoreCancelClaim(CANCEL_BATCH, CancelCalls.cxt, &run_claimed);
 	DeliveryStoreCommit();
-	MemoryContextSwitchTo(mine);
-	return next_due;
+	run_next = 0;
+	return send_next() || end_run();
+}
+
+/*
+ * CancelRunAdvance
+ *		Record the answer that arrived, and send the next.
+ */
+bool
+CancelRunAdvance(void)
+{
+	LifecycleAnswer *answer;
+
+	while ((answer = LifecycleCallNextAnswer(&CancelCalls)) != NULL)
+	{
+		ClaimedCancel *c = answer->arg;
+		CancelOutcome o;
+
+		classify(answer->http, c->received_at != 0, &o);
+		record_in_transaction(c, &o);
+	}
+	return send_next() || end_run();
+}
+
+/*
+ * CancelRunNextDue
+ *		When the next queued cancellation is due, as the last run saw; 0
+ *		when none is queued.
+ */
+TimestampTz
+CancelRunNextDue(void)
+{
+	return run_next_due;
 }

@@ -37,64 +37,49 @@
 #define MAX_PAGES			1000
 
 
+/* the path of the page after the meter with id after (NULL: the first) */
+static char *
+page_path(const char *after)
+{
+	StringInfoData path;
+
+	initStringInfo(&path);
+	appendStringInfoString(&path, METERS_PATH);
+	if (after)
+	{
+		appendStringInfoString(&path, "&starting_after=");
+		StripeClientAppendEscaped(&path, after, strlen(after));
+	}
+	return path.data;
+}
+
 /*
- * Read every page.  In a backend an HTTP failure raises an ERROR; in the
- * worker it returns NIL with *error set.
+ * Read every page, in a backend: an HTTP failure raises an ERROR.
  */
 static List *
-fetch_pages(bool raise, char **error)
+fetch_pages(void)
 {
 	List	   *pages = NIL;
 	char	   *after = NULL;
 	int			i;
 
-	*error = NULL;
 	for (i = 0; i < MAX_PAGES; i++)
 	{
-		StringInfoData path;
-		HttpResult	http;
+		char	   *body = StripeClientGetJson(page_path(after), NULL);
 		bool		has_more;
 
-		initStringInfo(&path);
-		appendStringInfoString(&path, METERS_PATH);
-		if (after)
-		{
-			appendStringInfoString(&path, "&starting_after=");
-			StripeClientAppendEscaped(&path, after, strlen(after));
-		}
-		if (raise)
-		{
-			char	   *body = StripeSyncGetJson(path.data, NULL);
-
-			http.body = body;
-			http.body_len = strlen(body);
-			http.status = 200;
-		}
-		else if (!StripeSyncRequest("GET", path.data, NULL, NULL, NULL, &http) ||
-				 http.curl_code != 0 || http.status != 200)
-		{
-			*error = StripeSyncErrorText(&http);
-			return NIL;
-		}
-		if (!ListPageNext(http.body, http.body_len, &has_more, &after))
-		{
-			if (raise)
-				ereport(ERROR,
-						(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-						 errmsg("Stripe's list of meters could not be read")));
-			*error = "Stripe's list of meters could not be read";
-			return NIL;
-		}
-		pages = lappend(pages, pnstrdup(http.body, http.body_len));
+		if (!ListPageNext(body, strlen(body), &has_more, &after))
+			ereport(ERROR,
+					(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+					 errmsg("Stripe's list of meters could not be read")));
+		pages = lappend(pages, body);
 		if (!has_more)
 			return pages;
 	}
-	if (raise)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("Stripe's list of meters has more than %d pages", MAX_PAGES)));
-	*error = "too many pages of meters";
-	return NIL;
+	ereport(ERROR,
+			(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+			 errmsg("Stripe's list of meters has more than %d pages", MAX_PAGES)));
+	return NIL;					/* keep compiler quiet */
 }
 
 /*
@@ -121,53 +106,96 @@ lock_meter_sync(bool wait)
 int
 MeterSyncNow(void)
 {
-	char	   *error;
-	List	   *pages = fetch_pages(true, &error);
+	List	   *pages = fetch_pages();
 
 	(void) lock_meter_sync(true);
 	return StoreMetersReplace(pages);
 }
 
 /*
- * MeterSyncRun
- *		The worker's scheduled sync: fetch with no transaction open, then
- *		apply in one.  Returns the number of meters, or -1 on failure
- *		(logged and kept in sync_state.meters_sync_error).
+ * The worker's scheduled sync: the pages are read one after the other on
+ * the worker's HTTP client, with no transaction open, then applied in one
+ * transaction.  A failure is logged and kept in sync_state.meters_sync_error.
  */
-int
-MeterSyncRun(void)
+LifecycleCalls MeterSyncCalls;
+static List *run_pages;			/* in MeterSyncCalls.cxt */
+
+static bool
+request_page(const char *after)
 {
-	char	   *error;
-	List	   *pages = fetch_pages(false, &error);
-	MemoryContext mine = CurrentMemoryContext;
-	int			n = -1;
+	StripeRequestSpec spec = {0};
 
-	if (!DeliveryStoreBegin())
-		return -1;
+	spec.path = MemoryContextStrdup(MeterSyncCalls.cxt, page_path(after));
+	return LifecycleCallStart(&MeterSyncCalls, &spec, NULL);
+}
 
-	/*
-	 * A sync that a session runs holds the lock, and the rows it wrote,
-	 * until that session's transaction ends: never wait for it.
-	 */
-	if (!lock_meter_sync(false))
+/* the run is over: apply the pages, or record why not */
+static bool
+end_run(const char *error)
+{
+	if (DeliveryStoreBegin())
 	{
-		StripeMeterSetLastError(MyDatabaseId,
-								"the scheduled meter sync was skipped: another transaction is syncing meters (stripe_meter_sync_meters() in a transaction still open); it runs again at the next interval");
+		/*
+		 * A sync that a session runs holds the lock, and the rows it wrote,
+		 * until that session's transaction ends: never wait for it.
+		 */
+		if (!lock_meter_sync(false))
+			StripeMeterSetLastError(MyDatabaseId,
+									"the scheduled meter sync was skipped: another transaction is syncing meters (stripe_meter_sync_meters() in a transaction still open); it runs again at the next interval");
+		else if (error == NULL)
+			(void) StoreMetersReplace(run_pages);
+		else
+		{
+			ereport(LOG,
+					(errmsg("stripe_meter could not sync meters: %s", error)));
+			StoreMetersSyncError(error);
+		}
 		DeliveryStoreCommit();
-		MemoryContextSwitchTo(mine);
-		return -1;
 	}
-	if (error == NULL)
-		n = StoreMetersReplace(pages);
-	else
-	{
-		ereport(LOG,
-				(errmsg("stripe_meter could not sync meters: %s", error)));
-		StoreMetersSyncError(error);
-	}
-	DeliveryStoreCommit();
-	MemoryContextSwitchTo(mine);
-	return n;
+	run_pages = NIL;
+	LifecycleCallsEnd(&MeterSyncCalls);
+	return false;
+}
+
+/*
+ * MeterSyncRunStart
+ *		Ask for the first page.
+ */
+bool
+MeterSyncRunStart(void)
+{
+	run_pages = NIL;
+	return request_page(NULL) || end_run("the HTTP client refused the request");
+}
+
+/*
+ * MeterSyncRunAdvance
+ *		Keep the page that arrived and ask for the next, or apply them all.
+ */
+bool
+MeterSyncRunAdvance(void)
+{
+	LifecycleAnswer *answer = LifecycleCallNextAnswer(&MeterSyncCalls);
+	HttpResult *http;
+	bool		has_more;
+	char	   *after = NULL;
+	MemoryContext old;
+
+	if (answer == NULL)
+		return true;
+	http = answer->http;
+	if (http->curl_code != 0 || http->status != 200)
+		return end_run(StripeFailureText(http));
+	if (!ListPageNext(http->body, http->body_len, &has_more, &after))
+		return end_run("Stripe's list of meters could not be read");
+	old = MemoryContextSwitchTo(MeterSyncCalls.cxt);
+	run_pages = lappend(run_pages, (char *) http->body);
+	MemoryContextSwitchTo(old);
+	if (!has_more)
+		return end_run(NULL);
+	if (list_length(run_pages) >= MAX_PAGES)
+		return end_run("too many pages of meters");
+	return request_page(after) || end_run("the HTTP client refused the request");
 }
 
 /*

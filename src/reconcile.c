@@ -82,7 +82,7 @@ find_meter(const char *event_name, const char *account, MeterInfo *m)
 			appendStringInfoString(&path, "&starting_after=");
 			StripeClientAppendEscaped(&path, after, strlen(after));
 		}
-		body = StripeSyncGetJson(path.data, account);
+		body = StripeClientGetJson(path.data, account);
 		if (StoreReconcilePickMeter(body, event_name, &meter_id, &agg))
 		{
 			m->meter_id = meter_id;
@@ -144,7 +144,7 @@ ReconcileRun(const ReconcileRequest *req, Tuplestorestate *tupstore,
 			appendStringInfoString(&path, "&starting_after=");
 			StripeClientAppendEscaped(&path, after, strlen(after));
 		}
-		body = StripeSyncGetJson(path.data, req->account);
+		body = StripeClientGetJson(path.data, req->account);
 		pages = lappend(pages, body);
 		if (!ListPageNext(body, strlen(body), &has_more, &after))
 			ereport(ERROR,

@@ -203,3 +203,16 @@ StripeAnswerText(const HttpResult *http, const StripeResponse *resp)
 		return psprintf("Stripe answered HTTP %ld", http->status);
 	return psprintf("Stripe answered HTTP %ld: %s", http->status, message);
 }
+
+/*
+ * StripeFailureText
+ *		StripeAnswerText for an answer not yet read.
+ */
+char *
+StripeFailureText(const HttpResult *http)
+{
+	StripeResponse resp;
+
+	StripeReadAnswer(http, &resp);
+	return StripeAnswerText(http, &resp);
+}

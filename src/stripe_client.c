@@ -1,9 +1,13 @@
 /*-------------------------------------------------------------------------
  *
  * stripe_client.c
- *	  libcurl, and nothing else: many requests in flight on one multi
- *	  handle, connections reused, and one wait that covers curl's sockets
- *	  and the worker's latch together (PostgreSQL's WaitEventSet).
+ *	  The one HTTP client, and the only file that uses libcurl.  In the
+ *	  worker, every Stripe call (deliveries, cancellations, meter syncs,
+ *	  error reports) is a request on one multi handle, with connections
+ *	  reused and one wait that covers curl's sockets and the worker's latch
+ *	  together (PostgreSQL's WaitEventSet), so none of them holds up the
+ *	  others.  A backend's SQL functions that read from Stripe use the
+ *	  blocking StripeClientPerform(), which sets requests up the same way.
  *
  * Each request carries bearer authentication (the API key, or a v2 meter
  * event session's token), the pinned Stripe-Version, the event's
@@ -49,8 +53,12 @@
 
 #include "stripe_meter.h"
 
-/* Stripe's bodies are a few hundred bytes; anything past this is refused */
+/*
+ * Stripe's answers to a POST are a few hundred bytes, a page of a list a few
+ * hundred kB at most; anything past these is refused.
+ */
 #define MAX_RESPONSE_BYTES	(256 * 1024)
+#define MAX_LIST_BYTES		(1024 * 1024)
 #define MAX_WAIT_EVENTS		64
 #define MAX_SOCKET_EVENTS	256
 
@@ -64,6 +72,8 @@ typedef struct StripeRequest
 	char		should_retry;
 	bool		replayed;
 	bool		with_account;	/* Stripe-Account was sent */
+	bool		lifecycle;		/* not a delivery (StripeClientInFlight) */
+	size_t		max_response;
 	char		request_id[64];
 	char		errbuf[CURL_ERROR_SIZE];
 	StripeDoneCallback done;	/* NULL: the one given to StripeClientWait */
@@ -96,7 +106,8 @@ static bool wait_set_dirty = true;
 static int	curl_epoll_fd = -1;
 #endif
 static TimestampTz curl_deadline = 0;	/* 0: no timer */
-static int	in_flight = 0;
+static int	in_flight = 0;			/* deliveries */
+static int	lifecycle_in_flight = 0;	/* other calls */
 static StripeRequest *free_requests = NULL;
 static char *user_agent = NULL;
 
@@ -127,7 +138,7 @@ open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *address)
 	s = socket(address->family, address->socktype, address->protocol);
 	if (s == CURL_SOCKET_BAD)
 		ReleaseExternalFD();
-	else
+	else if (sockets != NULL)
 		hash_search(sockets, &s, HASH_REMOVE, NULL);	/* a reused number */
 	return s;
 }
@@ -137,9 +148,11 @@ close_socket(void *clientp, curl_socket_t s)
 {
 	int			rc;
 
-	hash_search(sockets, &s, HASH_REMOVE, NULL);
+	if (sockets != NULL)
+		hash_search(sockets, &s, HASH_REMOVE, NULL);
 #ifdef USE_CURL_EPOLL
-	(void) epoll_ctl(curl_epoll_fd, EPOLL_CTL_DEL, s, NULL);
+	if (curl_epoll_fd >= 0)
+		(void) epoll_ctl(curl_epoll_fd, EPOLL_CTL_DEL, s, NULL);
 #endif
 	rc = close(s);
 	ReleaseExternalFD();
@@ -217,7 +230,7 @@ write_callback(char *data, size_t size, size_t nmemb, void *userp)
 	StripeRequest *req = userp;
 	size_t		n = size * nmemb;
 
-	if (req->response.len + n > MAX_RESPONSE_BYTES)
+	if (req->response.len + n > req->max_response)
 	{
 		req->truncated = true;
 		return 0;				/* aborts the transfer */
@@ -260,25 +273,39 @@ header_callback(char *line, size_t size, size_t nmemb, void *userp)
 	return len;
 }
 
+/* curl, this file's memory and the User-Agent: once per process */
+static void
+client_setup(void)
+{
+	curl_version_info_data *v;
+
+	if (client_cxt != NULL)
+		return;
+	if (curl_global_init(CURL_GLOBAL_ALL) != CURLE_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not initialize libcurl")));
+	client_cxt = AllocSetContextCreate(TopMemoryContext,
+									   "stripe_meter HTTP client",
+									   ALLOCSET_DEFAULT_SIZES);
+	v = curl_version_info(CURLVERSION_NOW);
+	user_agent = MemoryContextStrdup(client_cxt,
+									 psprintf("stripe_meter/%s (PostgreSQL %s) libcurl/%s",
+											  STRIPE_METER_VERSION, PG_VERSION,
+											  v ? v->version : "unknown"));
+}
+
 /*
  * StripeClientInit
- *		Set up libcurl for this process.  Call once, in the worker.
+ *		Set up the multi handle and its wait.  Call once, in the worker.
  */
 void
 StripeClientInit(void)
 {
 	HASHCTL		ctl;
-	curl_version_info_data *v;
 
-	if (curl_global_init(CURL_GLOBAL_ALL) != CURLE_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("could not initialize libcurl")));
+	client_setup();
 	on_proc_exit(client_exit, (Datum) 0);
-
-	client_cxt = AllocSetContextCreate(TopMemoryContext,
-									   "stripe_meter HTTP client",
-									   ALLOCSET_DEFAULT_SIZES);
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(curl_socket_t);
@@ -303,12 +330,26 @@ StripeClientInit(void)
 				 errmsg("could not create the HTTP client")));
 	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_callback);
 	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_callback);
+}
 
-	v = curl_version_info(CURLVERSION_NOW);
-	user_agent = MemoryContextStrdup(client_cxt,
-									 psprintf("stripe_meter/%s (PostgreSQL %s) libcurl/%s",
-											  STRIPE_METER_VERSION, PG_VERSION,
-											  v ? v->version : "unknown"));
+/*
+ * StripeKeyProblem
+ *		Why no request can be made with the current key, or NULL.
+ */
+const char *
+StripeKeyProblem(void)
+{
+	const char *key = stripe_meter_api_key;
+	const char *p;
+
+	if (key == NULL || key[0] == '\0')
+		return "stripe_meter.api_key is not set";
+	if (!(strncmp(key, "sk_", 3) == 0 || strncmp(key, "rk_", 3) == 0))
+		return "stripe_meter.api_key is not a Stripe secret or restricted key";
+	for (p = key; *p; p++)
+		if (*p <= 0x20 || *p >= 0x7f)
+			return "stripe_meter.api_key contains spaces or control characters";
+	return NULL;
 }
 
 /*
@@ -368,6 +409,7 @@ take_request(void)
 	req->headers = NULL;
 	req->owner = NULL;
 	req->done = NULL;
+	req->lifecycle = false;
 	req->truncated = false;
 	req->should_retry = 0;
 	req->replayed = false;
@@ -396,12 +438,12 @@ give_back_request(StripeRequest *req)
 }
 
 /*
- * StripeCurlAddHeader
+ * add_header
  *		Append one header line (fmt with one %s) to a curl list; the
  *		formatted line, which may hold the key, is wiped from the stack.
  */
-struct curl_slist *
-StripeCurlAddHeader(struct curl_slist *list, const char *fmt, const char *value)
+static struct curl_slist *
+add_header(struct curl_slist *list, const char *fmt, const char *value)
 {
 	char		line[512];
 	struct curl_slist *added;
@@ -417,15 +459,14 @@ StripeCurlAddHeader(struct curl_slist *list, const char *fmt, const char *value)
 }
 
 /*
- * StripeCurlSetTransport
+ * set_transport
  *		The URL and every transport setting a request to Stripe needs: only
  *		https and (loopback-only, checked by the settings) http, no
  *		redirects, certificate and host verification always on, the
- *		configured CA file, the timeouts.  Shared by the worker's requests
- *		and the synchronous ones (stripe_sync.c).
+ *		configured CA file, the timeouts.
  */
-void
-StripeCurlSetTransport(CURL *e, const char *url)
+static void
+set_transport(CURL *e, const char *url)
 {
 	curl_easy_setopt(e, CURLOPT_URL, url);
 #if LIBCURL_VERSION_NUM >= 0x075500
@@ -454,40 +495,47 @@ StripeCurlSetTransport(CURL *e, const char *url)
 }
 
 /*
- * StripeClientStartRequest
- *		Put one POST in flight as spec says.  The bearer is the API key
- *		unless spec->bearer names another credential (a v2 session token).
- *		spec->body must stay valid until the request's done callback has
- *		run; returns false if curl refused it (no callback then).  spec->done,
- *		when set, is called for this request instead of the callback given
- *		to StripeClientWait.
+ * prepare_request
+ *		Set req's easy handle up as spec says: headers, transport, method,
+ *		body and the callbacks that collect the answer.
  */
-bool
-StripeClientStartRequest(const StripeRequestSpec *spec)
+static void
+prepare_request(StripeRequest *req, const StripeRequestSpec *spec)
 {
-	StripeRequest *req = take_request();
 	CURL	   *e = req->easy;
 	char	   *url = psprintf("%s%s", spec->base_url, spec->path);
-	const char *body = spec->body;
+	bool		get = spec->body == NULL;
 
 	req->owner = spec->owner;
 	req->done = spec->done;
+	req->lifecycle = spec->lifecycle;
 	req->with_account = (spec->stripe_account != NULL);
-	req->headers = StripeCurlAddHeader(NULL, "Authorization: Bearer %s",
+	req->max_response = get ? MAX_LIST_BYTES : MAX_RESPONSE_BYTES;
+	req->headers = add_header(NULL, "Authorization: Bearer %s",
 							  spec->bearer ? spec->bearer : stripe_meter_api_key);
-	req->headers = StripeCurlAddHeader(req->headers, "Stripe-Version: %s", stripe_meter_stripe_version);
+	req->headers = add_header(req->headers, "Stripe-Version: %s", stripe_meter_stripe_version);
 	if (spec->idempotency_key != NULL)
-		req->headers = StripeCurlAddHeader(req->headers, "Idempotency-Key: %s", spec->idempotency_key);
+		req->headers = add_header(req->headers, "Idempotency-Key: %s", spec->idempotency_key);
 	if (spec->stripe_account != NULL)
-		req->headers = StripeCurlAddHeader(req->headers, "Stripe-Account: %s", spec->stripe_account);
-	req->headers = StripeCurlAddHeader(req->headers, "Accept: %s", "application/json");
-	req->headers = StripeCurlAddHeader(req->headers, "Content-Type: %s", spec->content_type);
-	req->headers = StripeCurlAddHeader(req->headers, "Expect:%s", "");
+		req->headers = add_header(req->headers,
+								  spec->stripe_context ? "Stripe-Context: %s" : "Stripe-Account: %s",
+								  spec->stripe_account);
+	req->headers = add_header(req->headers, "Accept: %s", "application/json");
+	if (!get)
+		req->headers = add_header(req->headers, "Content-Type: %s",
+								  spec->content_type ? spec->content_type :
+								  "application/x-www-form-urlencoded");
+	req->headers = add_header(req->headers, "Expect:%s", "");
 
-	StripeCurlSetTransport(e, url);
-	curl_easy_setopt(e, CURLOPT_POST, 1L);
-	curl_easy_setopt(e, CURLOPT_POSTFIELDS, body);
-	curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, (long) strlen(body));
+	set_transport(e, url);
+	if (get)
+		curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+	else
+	{
+		curl_easy_setopt(e, CURLOPT_POST, 1L);
+		curl_easy_setopt(e, CURLOPT_POSTFIELDS, spec->body);
+		curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, (long) strlen(spec->body));
+	}
 	curl_easy_setopt(e, CURLOPT_HTTPHEADER, req->headers);
 	curl_easy_setopt(e, CURLOPT_USERAGENT, user_agent);
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_callback);
@@ -500,16 +548,181 @@ StripeClientStartRequest(const StripeRequestSpec *spec)
 	curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
 	curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
 	pfree(url);
+}
 
-	if (curl_multi_add_handle(multi, e) != CURLM_OK)
+/* a request taken and set up; given back if setting it up fails */
+static StripeRequest *
+prepared_request(const StripeRequestSpec *spec)
+{
+	StripeRequest *volatile req = take_request();
+
+	PG_TRY();
+	{
+		prepare_request(req, spec);
+	}
+	PG_CATCH();
+	{
+		give_back_request(req);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	return req;
+}
+
+/* what happened to a finished transfer; the strings point into req */
+static void
+read_result(StripeRequest *req, CURLcode code, HttpResult *http)
+{
+	long		request_size = 0;
+
+	memset(http, 0, sizeof(*http));
+	http->curl_code = code;
+	curl_easy_getinfo(req->easy, CURLINFO_RESPONSE_CODE, &http->status);
+	curl_easy_getinfo(req->easy, CURLINFO_REQUEST_SIZE, &request_size);
+	http->connected = request_size > 0;
+	if (req->truncated)
+		http->curl_error = req->max_response == MAX_LIST_BYTES ?
+			"the response was larger than 1 MB" :
+			"the response was larger than 256 kB";
+	else if (code != CURLE_OK)
+		http->curl_error = req->errbuf[0] ? req->errbuf : curl_easy_strerror(code);
+	http->body = req->response.data;
+	http->body_len = req->response.len;
+	http->body_truncated = req->truncated;
+	http->request_id = req->request_id[0] ? req->request_id : NULL;
+	http->should_retry = req->should_retry;
+	http->replayed = req->replayed;
+	http->with_account = req->with_account;
+}
+
+/*
+ * StripeHttpResultCopy
+ *		A copy of an answer, strings included, in the current memory
+ *		context: for keeping an answer past its done callback.
+ */
+HttpResult *
+StripeHttpResultCopy(const HttpResult *http)
+{
+	HttpResult *copy = palloc(sizeof(HttpResult));
+
+	*copy = *http;
+	copy->body = http->body ? pnstrdup(http->body, http->body_len) : NULL;
+	copy->request_id = http->request_id ? pstrdup(http->request_id) : NULL;
+	copy->curl_error = http->curl_error ? pstrdup(http->curl_error) : NULL;
+	return copy;
+}
+
+/*
+ * StripeClientStartRequest
+ *		Put one request in flight on the worker's multi handle, as spec
+ *		says.  spec->body must stay valid until the request's done callback
+ *		has run; returns false if curl refused it (no callback then).
+ *		spec->done, when set, is called for this request instead of the
+ *		callback given to StripeClientWait.
+ */
+bool
+StripeClientStartRequest(const StripeRequestSpec *spec)
+{
+	StripeRequest *req = prepared_request(spec);
+
+	if (curl_multi_add_handle(multi, req->easy) != CURLM_OK)
 	{
 		give_back_request(req);
 		return false;
 	}
-	in_flight++;
+	if (req->lifecycle)
+		lifecycle_in_flight++;
+	else
+		in_flight++;
 	return true;
 }
 
+/* a cancel or shutdown request ends a blocking transfer instead of waiting */
+static int
+interrupt_progress(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
+				   curl_off_t ultotal, curl_off_t ulnow)
+{
+	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
+}
+
+/*
+ * StripeClientPerform
+ *		Make one request, set up as the worker's are, and wait for its
+ *		answer: for a backend's SQL functions, never for the worker.
+ *
+ * The result's strings are palloc'd in the current memory context.  Returns
+ * false only if the request could not be made at all (result->curl_error
+ * says why).  A cancelled query stops here once the transfer has ended.
+ */
+bool
+StripeClientPerform(const StripeRequestSpec *spec, HttpResult *result)
+{
+	const char *problem = spec->bearer ? NULL : StripeKeyProblem();
+	StripeRequest *req;
+	HttpResult	http;
+	CURLcode	code;
+
+	memset(result, 0, sizeof(*result));
+	if (problem != NULL)
+	{
+		result->curl_code = -1;
+		result->curl_error = problem;
+		return false;
+	}
+	client_setup();
+	req = prepared_request(spec);
+	curl_easy_setopt(req->easy, CURLOPT_NOPROGRESS, 0L);
+	curl_easy_setopt(req->easy, CURLOPT_XFERINFOFUNCTION, interrupt_progress);
+
+	code = curl_easy_perform(req->easy);
+
+	read_result(req, code, &http);
+	*result = *StripeHttpResultCopy(&http);
+	give_back_request(req);
+	if (!AmBackgroundWorkerProcess())
+		CHECK_FOR_INTERRUPTS();
+	return true;
+}
+
+/*
+ * StripeClientGetJson
+ *		GET path and return the JSON body as text, or raise an ERROR that
+ *		says what Stripe answered.  For a backend's SQL functions.
+ */
+char *
+StripeClientGetJson(const char *path, const char *stripe_account)
+{
+	StripeRequestSpec spec = {
+		.base_url = stripe_meter_api_url,
+		.path = path,
+		.stripe_account = stripe_account,
+	};
+	HttpResult	http;
+	StripeResponse resp;
+
+	if (!StripeClientPerform(&spec, &http))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cannot call Stripe: %s", http.curl_error)));
+	if (http.curl_code != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("%s", StripeFailureText(&http)),
+				 errhint("Check stripe_meter.api_url and the network.")));
+	StripeReadAnswer(&http, &resp);
+	if (http.status != 200 || !resp.valid)
+		ereport(ERROR,
+				(errcode(http.status == 404 ? ERRCODE_UNDEFINED_OBJECT :
+						 ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+				 errmsg("Stripe refused GET %s", path),
+				 errdetail("%s.", StripeAnswerText(&http, &resp))));
+	return (char *) http.body;
+}
+
+/*
+ * StripeClientInFlight
+ *		Deliveries in flight; the other calls are not counted.
+ */
 int
 StripeClientInFlight(void)
 {
@@ -557,32 +770,16 @@ drain_finished(StripeDoneCallback done)
 	{
 		StripeRequest *req;
 		HttpResult	http;
-		long		request_size = 0;
 
 		if (msg->msg != CURLMSG_DONE)
 			continue;
 		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &req);
-
-		memset(&http, 0, sizeof(http));
-		http.curl_code = msg->data.result;
-		curl_easy_getinfo(req->easy, CURLINFO_RESPONSE_CODE, &http.status);
-		curl_easy_getinfo(req->easy, CURLINFO_REQUEST_SIZE, &request_size);
-		http.connected = request_size > 0;
-		if (req->truncated)
-			http.curl_error = "the response was larger than 256 kB";
-		else if (http.curl_code != CURLE_OK)
-			http.curl_error = req->errbuf[0] ? req->errbuf :
-				curl_easy_strerror(msg->data.result);
-		http.body = req->response.data;
-		http.body_len = req->response.len;
-		http.body_truncated = req->truncated;
-		http.request_id = req->request_id[0] ? req->request_id : NULL;
-		http.should_retry = req->should_retry;
-		http.replayed = req->replayed;
-		http.with_account = req->with_account;
-
+		read_result(req, msg->data.result, &http);
 		curl_multi_remove_handle(multi, req->easy);
-		in_flight--;
+		if (req->lifecycle)
+			lifecycle_in_flight--;
+		else
+			in_flight--;
 		(req->done ? req->done : done) (req->owner, &http);
 		give_back_request(req);
 	}

@@ -527,6 +527,7 @@ extern void StripeClassify(const HttpResult *http, const StripeResponse *resp,
 						   const StripeEndpoint *endpoint, bool success,
 						   StripeJudgement *j);
 extern char *StripeAnswerText(const HttpResult *http, const StripeResponse *resp);
+extern char *StripeFailureText(const HttpResult *http);
 
 /* ==== end of reading Stripe's answers ==== */
 
@@ -561,36 +562,40 @@ extern int	DeliveryBackoffMs(int attempts);
 extern TimestampTz DeliveryNextAttempt(const ClaimedEvent *e, TimestampTz now);
 extern const char *DeliveryUnsendableReason(const ClaimedEvent *e, TimestampTz now);
 
-/* ---- in stripe_client.c (libcurl only) ---- */
+/* ---- in stripe_client.c: the one HTTP client (the only user of libcurl) ---- */
 typedef void (*StripeDoneCallback) (void *owner, const HttpResult *http);
 
 extern void StripeClientInit(void);
+extern const char *StripeKeyProblem(void);
 
-/* One POST: where to, what, and with which credentials and headers. */
+/* One request: where to, what, and with which credentials and headers. */
 typedef struct StripeRequestSpec
 {
 	void	   *owner;
 	StripeDoneCallback done;	/* NULL: the callback given to the wait */
 	const char *base_url;		/* stripe_meter.api_url or .stream_url */
-	const char *path;
-	const char *body;
-	const char *content_type;
+	const char *path;			/* with the query string, if any */
+	const char *body;			/* a POST's body; NULL: a GET */
+	const char *content_type;	/* NULL: form encoding */
 	const char *bearer;			/* NULL: the API key */
 	const char *idempotency_key;	/* NULL: none */
 	const char *stripe_account; /* NULL: none */
+	bool		stripe_context; /* name the account in Stripe-Context */
+	bool		lifecycle;		/* not a delivery: StripeClientInFlight()
+								 * does not count it */
 } StripeRequestSpec;
 
+/* in the worker: requests on one multi handle, and the wait that drives them */
 extern bool StripeClientStartRequest(const StripeRequestSpec *spec);
 extern int	StripeClientInFlight(void);
 extern bool StripeClientWait(long timeout_ms, uint32 wait_event_info,
 							 StripeDoneCallback done);
 extern void StripeClientSettingsChanged(void);
+extern HttpResult *StripeHttpResultCopy(const HttpResult *http);
+/* in a backend: one request at a time, waited for */
+extern bool StripeClientPerform(const StripeRequestSpec *spec, HttpResult *result);
+extern char *StripeClientGetJson(const char *path, const char *stripe_account);
 extern void StripeClientAppendEscaped(StringInfo buf, const char *s, int len);
-/* a libcurl easy handle (CURL *): its URL, TLS and transport settings */
-extern void StripeCurlSetTransport(void *handle, const char *url);
-struct curl_slist;
-extern struct curl_slist *StripeCurlAddHeader(struct curl_slist *list, const char *fmt,
-											  const char *value);
 
 /* ---- API v2: the meter event stream ---- */
 
@@ -641,24 +646,49 @@ extern void V2SessionFree(V2Session *s);
 /* ---- in v2_stream.c: batches of events on the meter event stream ---- */
 extern const Sender V2Sender;
 
-/* ---- in stripe_sync.c (one synchronous request; outside the delivery loop) ---- */
-extern const char *StripeSyncKeyProblem(void);
-extern bool StripeSyncRequest(const char *method, const char *path, const char *body,
-							  const char *idempotency_key, const char *stripe_account,
-							  HttpResult *result);
-extern char *StripeSyncErrorText(const HttpResult *http);
-extern char *StripeSyncGetJson(const char *path, const char *stripe_account);
+/* ---- in lifecycle.c: the worker's jobs after delivery, and their requests ---- */
 
-/* ---- the event lifecycle after delivery (cancel.c, meter_sync.c, async_errors.c) ---- */
-extern void MeterSyncCheckEnqueue(const char *event_name, const EnqueueMeter *meter,
-								  const char *stripe_account);
-extern int	MeterSyncRun(void);
-extern bool ListPageNext(const char *body, size_t len, bool *has_more, char **last_id);
-extern void CancelRepair(void);
-extern TimestampTz CancelDeliverDue(int limit);
-extern void AsyncErrorsPull(void);
+/* A job's requests in flight, and the answers that came back for its run. */
+typedef struct LifecycleCalls
+{
+	MemoryContext cxt;			/* the run's memory, freed when it ends */
+	int			in_flight;
+	bool		abandoned;		/* the run ended in an ERROR: drop answers */
+	List	   *answers;		/* LifecycleAnswer *, not yet read */
+} LifecycleCalls;
+
+typedef struct LifecycleAnswer
+{
+	void	   *arg;			/* as given to LifecycleCallStart */
+	HttpResult *http;
+} LifecycleAnswer;
+
+extern void LifecycleCallsInit(LifecycleCalls *calls, const char *name);
+extern bool LifecycleCallStart(LifecycleCalls *calls, StripeRequestSpec *spec, void *arg);
+extern LifecycleAnswer *LifecycleCallNextAnswer(LifecycleCalls *calls);
+extern void LifecycleCallsEnd(LifecycleCalls *calls);
 extern void LifecycleWorkerRepair(void);
 extern long LifecycleWorkerTick(bool paused, bool woken);
+
+/*
+ * The jobs (cancel.c, meter_sync.c, async_errors.c).  A start step begins a
+ * run, an advance step reads the answers that arrived; each returns true
+ * while the run goes on, and never waits for Stripe.
+ */
+extern LifecycleCalls CancelCalls;
+extern bool CancelRunStart(void);
+extern bool CancelRunAdvance(void);
+extern TimestampTz CancelRunNextDue(void);
+extern void CancelRepair(void);
+extern LifecycleCalls MeterSyncCalls;
+extern bool MeterSyncRunStart(void);
+extern bool MeterSyncRunAdvance(void);
+extern void MeterSyncCheckEnqueue(const char *event_name, const EnqueueMeter *meter,
+								  const char *stripe_account);
+extern LifecycleCalls AsyncErrorsCalls;
+extern bool AsyncErrorsRunStart(void);
+extern bool AsyncErrorsRunAdvance(void);
+extern bool ListPageNext(const char *body, size_t len, bool *has_more, char **last_id);
 
 /* ---- what sql_functions.c calls: cancel.c, meter_sync.c, reconcile.c ---- */
 extern const char *CancelEvent(const char *event_name, const char *identifier);

@@ -115,8 +115,11 @@ cancel('c-500');
 cancel('c-lost');
 wait_for($node, q{SELECT status || ',' || outcome || ',' || attempts FROM stripe_meter.adjustments WHERE identifier = 'c-500'},
 	'done,created,2', 'c-500: delivered on the second attempt');
-wait_for($node, q{SELECT status || ',' || outcome || ',' || attempts FROM stripe_meter.adjustments WHERE identifier = 'c-lost'},
-	'done,replayed,2', 'c-lost: the resend got the stored answer');
+# Cancellations share the worker's connections now, and libcurl resends a
+# request itself, on a fresh connection, when a reused one dies before any
+# answer (as for o-reset-after in 002): one attempt or two, the same key.
+wait_for($node, q{SELECT status || ',' || outcome || ',' || (attempts IN (1, 2)) FROM stripe_meter.adjustments WHERE identifier = 'c-lost'},
+	'done,replayed,true', 'c-lost: the resend got the stored answer');
 my @keys = map { $_->{headers}{'idempotency-key'} } @{ adj_requests('c-lost') };
 is_deeply(\@keys, [ 'meter_event_adjustment:c-lost', 'meter_event_adjustment:c-lost' ], 'c-lost: both attempts carried the same key');
 is(cancelled_at_stripe('c-lost'), 1, 'c-lost: cancelled once');
