@@ -191,7 +191,7 @@ AsyncErrorsRunAdvance(void)
 		char	   *next;
 		MemoryContext old;
 
-		if (http->curl_code != 0 || http->status != 200)
+		if (http->transport_code != 0 || http->status != 200)
 		{
 			r->error = MemoryContextStrdup(AsyncErrorsCalls.cxt, StripeFailureText(http));
 			continue;

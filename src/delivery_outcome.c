@@ -109,7 +109,7 @@ DeliveryClassify(const HttpResult *http, const char *identifier,
 			break;
 		case RULE_NO_ANSWER:
 			outcome->reason = psprintf("could not get an answer from Stripe: %s",
-									   http->curl_error ? http->curl_error : "transfer failed");
+									   http->transport_error ? http->transport_error : "transfer failed");
 			break;
 		case RULE_KEY_REFUSED:
 			outcome->reason = psprintf("Stripe rejected the API key (HTTP 401): %s",

@@ -6,7 +6,7 @@
  * POST /v1/billing/meter_events takes application/x-www-form-urlencoded
  * fields, the payload as deepObject brackets:
  *	event_name=...&payload[KEY]=VALUE&...&identifier=...&timestamp=UNIX
- * Keys and values are percent-encoded by libcurl (through stripe_client.c);
+ * Keys and values are percent-encoded (StripeClientAppendEscaped);
  * the brackets stay literal, as Stripe's own SDKs send them.  The output is
  * a pure function of the stored row (the value key and the canonical value
  * were frozen in it at enqueue), so every attempt of an event sends

@@ -184,7 +184,7 @@ MeterSyncRunAdvance(void)
 	if (answer == NULL)
 		return true;
 	http = answer->http;
-	if (http->curl_code != 0 || http->status != 200)
+	if (http->transport_code != 0 || http->status != 200)
 		return end_run(StripeFailureText(http));
 	if (!ListPageNext(http->body, http->body_len, &has_more, &after))
 		return end_run("Stripe's list of meters could not be read");

@@ -93,7 +93,7 @@ StripeClassify(const HttpResult *http, const StripeResponse *resp,
 	j->retry_now = (http->should_retry == 't');
 	j->verdict = STRIPE_RETRY;
 
-	if (http->curl_code != 0)
+	if (http->transport_code != 0)
 	{
 		j->rule = RULE_NO_ANSWER;
 		j->outcome_unknown = http->connected;
@@ -195,9 +195,9 @@ StripeAnswerText(const HttpResult *http, const StripeResponse *resp)
 {
 	char	   *message;
 
-	if (http->curl_code != 0)
+	if (http->transport_code != 0)
 		return psprintf("could not get an answer from Stripe: %s",
-						http->curl_error ? http->curl_error : "transfer failed");
+						http->transport_error ? http->transport_error : "transfer failed");
 	message = reason_message(resp);
 	if (message == NULL)
 		return psprintf("Stripe answered HTTP %ld", http->status);

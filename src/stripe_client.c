@@ -576,16 +576,16 @@ read_result(StripeRequest *req, CURLcode code, HttpResult *http)
 	long		request_size = 0;
 
 	memset(http, 0, sizeof(*http));
-	http->curl_code = code;
+	http->transport_code = code;
 	curl_easy_getinfo(req->easy, CURLINFO_RESPONSE_CODE, &http->status);
 	curl_easy_getinfo(req->easy, CURLINFO_REQUEST_SIZE, &request_size);
 	http->connected = request_size > 0;
 	if (req->truncated)
-		http->curl_error = req->max_response == MAX_LIST_BYTES ?
+		http->transport_error = req->max_response == MAX_LIST_BYTES ?
 			"the response was larger than 1 MB" :
 			"the response was larger than 256 kB";
 	else if (code != CURLE_OK)
-		http->curl_error = req->errbuf[0] ? req->errbuf : curl_easy_strerror(code);
+		http->transport_error = req->errbuf[0] ? req->errbuf : curl_easy_strerror(code);
 	http->body = req->response.data;
 	http->body_len = req->response.len;
 	http->body_truncated = req->truncated;
@@ -608,7 +608,7 @@ StripeHttpResultCopy(const HttpResult *http)
 	*copy = *http;
 	copy->body = http->body ? pnstrdup(http->body, http->body_len) : NULL;
 	copy->request_id = http->request_id ? pstrdup(http->request_id) : NULL;
-	copy->curl_error = http->curl_error ? pstrdup(http->curl_error) : NULL;
+	copy->transport_error = http->transport_error ? pstrdup(http->transport_error) : NULL;
 	return copy;
 }
 
@@ -651,7 +651,7 @@ interrupt_progress(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
  *		answer: for a backend's SQL functions, never for the worker.
  *
  * The result's strings are palloc'd in the current memory context.  Returns
- * false only if the request could not be made at all (result->curl_error
+ * false only if the request could not be made at all (result->transport_error
  * says why).  A cancelled query stops here once the transfer has ended.
  */
 bool
@@ -665,8 +665,8 @@ StripeClientPerform(const StripeRequestSpec *spec, HttpResult *result)
 	memset(result, 0, sizeof(*result));
 	if (problem != NULL)
 	{
-		result->curl_code = -1;
-		result->curl_error = problem;
+		result->transport_code = -1;
+		result->transport_error = problem;
 		return false;
 	}
 	client_setup();
@@ -703,8 +703,8 @@ StripeClientGetJson(const char *path, const char *stripe_account)
 	if (!StripeClientPerform(&spec, &http))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("cannot call Stripe: %s", http.curl_error)));
-	if (http.curl_code != 0)
+				 errmsg("cannot call Stripe: %s", http.transport_error)));
+	if (http.transport_code != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("%s", StripeFailureText(&http)),

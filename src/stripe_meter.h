@@ -422,8 +422,9 @@ extern char *FormEncodeLegacyIdempotencyKey(const char *identifier);
 /* ---- in delivery_outcome.c ---- */
 typedef struct HttpResult
 {
-	int			curl_code;		/* CURLE_OK (0) when a response came */
-	const char *curl_error;
+	int			transport_code; /* 0 when a whole answer came; else the
+								 * transfer failed (timeout, reset, ...) */
+	const char *transport_error;
 	bool		connected;		/* the request may have reached Stripe */
 	long		status;
 	const char *body;

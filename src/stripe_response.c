@@ -405,7 +405,7 @@ StripeReadJson(const char *json, size_t len, StripeResponse *r)
 void
 StripeReadAnswer(const HttpResult *http, StripeResponse *r)
 {
-	if (http->curl_code != 0 || http->body_truncated)
+	if (http->transport_code != 0 || http->body_truncated)
 		memset(r, 0, sizeof(*r));
 	else
 		StripeReadJson(http->body, http->body_len, r);

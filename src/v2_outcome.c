@@ -88,7 +88,7 @@ V2ClassifySession(const HttpResult *http, V2SessionAnswer *session,
 		case RULE_NO_ANSWER:
 			outcome->verdict = VERDICT_RETRY;
 			outcome->reason = psprintf("could not create a meter event session: %s",
-									   http->curl_error ? http->curl_error : "transfer failed");
+									   http->transport_error ? http->transport_error : "transfer failed");
 			break;
 		case RULE_KEY_REFUSED:
 			outcome->verdict = VERDICT_PAUSE;
@@ -163,7 +163,7 @@ V2ClassifyStream(const HttpResult *http, DeliveryOutcome *outcome)
 		case RULE_NO_ANSWER:
 			outcome->verdict = VERDICT_RETRY;
 			outcome->reason = psprintf("could not get an answer from the meter event stream: %s",
-									   http->curl_error ? http->curl_error : "transfer failed");
+									   http->transport_error ? http->transport_error : "transfer failed");
 			return V2_STREAM_OTHER;
 		case RULE_KEY_REFUSED:
 			/* not on the stream, whose 401 is about the session token */

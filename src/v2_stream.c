@@ -169,7 +169,7 @@ set_outcome(ClaimedEvent *e, const DeliveryOutcome *o, const V2Batch *b)
 	MemoryContextSwitchTo(old);
 }
 
-/* curl's done callback for one stream request */
+/* the HTTP client's done callback for one stream request */
 static void
 stream_done(void *owner, const HttpResult *http)
 {
