@@ -76,7 +76,7 @@ typedef struct StripeRequest
 	size_t		max_response;
 	char		request_id[64];
 	char		errbuf[CURL_ERROR_SIZE];
-	StripeDoneCallback done;	/* NULL: the one given to StripeClientWait */
+	StripeDoneCallback done;	/* called once, with the answer */
 	struct StripeRequest *next_free;
 } StripeRequest;
 
@@ -617,8 +617,7 @@ StripeHttpResultCopy(const HttpResult *http)
  *		Put one request in flight on the worker's multi handle, as spec
  *		says.  spec->body must stay valid until the request's done callback
  *		has run; returns false if curl refused it (no callback then).
- *		spec->done, when set, is called for this request instead of the
- *		callback given to StripeClientWait.
+ *		spec->done is called with its answer from StripeClientWait.
  */
 bool
 StripeClientStartRequest(const StripeRequestSpec *spec)
@@ -761,7 +760,7 @@ rebuild_wait_set(void)
 
 /* hand every finished transfer to the done callback */
 static void
-drain_finished(StripeDoneCallback done)
+drain_finished(void)
 {
 	CURLMsg    *msg;
 	int			left;
@@ -780,7 +779,7 @@ drain_finished(StripeDoneCallback done)
 			lifecycle_in_flight--;
 		else
 			in_flight--;
-		(req->done ? req->done : done) (req->owner, &http);
+		req->done(req->owner, &http);
 		give_back_request(req);
 	}
 }
@@ -814,14 +813,14 @@ drive_ready_sockets(void)
 /*
  * StripeClientWait
  *		Wait up to timeout_ms (-1: no limit) for the latch or curl's sockets,
- *		drive curl, and hand finished requests to done.
+ *		drive curl, and hand each finished request to its done callback.
  *
  * Returns true if the latch was set (and resets it); the caller then runs
  * CHECK_FOR_INTERRUPTS and looks for new work.  Exits the process if the
  * postmaster dies.
  */
 bool
-StripeClientWait(long timeout_ms, uint32 wait_event_info, StripeDoneCallback done)
+StripeClientWait(long timeout_ms, uint32 wait_event_info)
 {
 	WaitEvent	events[MAX_WAIT_EVENTS];
 	int			n;
@@ -875,7 +874,7 @@ StripeClientWait(long timeout_ms, uint32 wait_event_info, StripeDoneCallback don
 		curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
 	}
 
-	drain_finished(done);
+	drain_finished();
 	return latch_set;
 }
 

@@ -573,7 +573,7 @@ extern const char *StripeKeyProblem(void);
 typedef struct StripeRequestSpec
 {
 	void	   *owner;
-	StripeDoneCallback done;	/* NULL: the callback given to the wait */
+	StripeDoneCallback done;	/* called with the answer */
 	const char *base_url;		/* stripe_meter.api_url or .stream_url */
 	const char *path;			/* with the query string, if any */
 	const char *body;			/* a POST's body; NULL: a GET */
@@ -589,8 +589,7 @@ typedef struct StripeRequestSpec
 /* in the worker: requests on one multi handle, and the wait that drives them */
 extern bool StripeClientStartRequest(const StripeRequestSpec *spec);
 extern int	StripeClientInFlight(void);
-extern bool StripeClientWait(long timeout_ms, uint32 wait_event_info,
-							 StripeDoneCallback done);
+extern bool StripeClientWait(long timeout_ms, uint32 wait_event_info);
 extern void StripeClientSettingsChanged(void);
 extern HttpResult *StripeHttpResultCopy(const HttpResult *http);
 /* in a backend: one request at a time, waited for */

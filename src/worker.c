@@ -281,8 +281,7 @@ delivery_pass(void)
 	/* a purge that found a full batch goes on at once */
 	if (next_purge_at <= now)
 		timeout = 0;
-	/* every request names its own done callback */
-	latch_set = StripeClientWait(timeout, StripeMeterWaitEvent(wait), NULL);
+	latch_set = StripeClientWait(timeout, StripeMeterWaitEvent(wait));
 	if (latch_set)
 	{
 		SchedulerWake();
