@@ -34,6 +34,8 @@ char	   *stripe_meter_api_url = NULL;
 char	   *stripe_meter_stripe_version = NULL;
 char	   *stripe_meter_ca_file = NULL;
 int			stripe_meter_max_in_flight = 512;
+bool		stripe_meter_http2 = true;
+int			stripe_meter_max_connections = 0;
 int			stripe_meter_connect_timeout = 10000;
 int			stripe_meter_request_timeout = 30000;
 int			stripe_meter_retry_min_delay = 500;
@@ -307,6 +309,18 @@ StripeMeterDefineSettings(void)
 							"Sets how many requests to Stripe may be in flight at once per database.",
 							NULL,
 							&stripe_meter_max_in_flight, 512, 1, 4096,
+							PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("stripe_meter.http2",
+							 "Offers HTTP/2 to an https server, many requests sharing each connection.",
+							 "Off: HTTP/1.1, one request at a time per connection.",
+							 &stripe_meter_http2, true,
+							 PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("stripe_meter.max_connections",
+							"Sets how many connections to Stripe the worker of a database may open.",
+							"0 means automatic: 8 while the server speaks HTTP/2, else one per request in flight, as file descriptors allow.",
+							&stripe_meter_max_connections, 0, 0, 4096,
 							PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("stripe_meter.connect_timeout",

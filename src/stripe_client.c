@@ -89,6 +89,8 @@ typedef struct SocketEntry
 
 static MemoryContext client_cxt = NULL;
 static CURLM *multi = NULL;
+static CURLSH *share = NULL;	/* TLS sessions and DNS answers, for every
+								 * handle of the process */
 static HTAB *sockets = NULL;
 static WaitEventSet *wait_set = NULL;
 static bool wait_set_dirty = true;
@@ -111,12 +113,20 @@ static int	lifecycle_in_flight = 0;	/* other calls */
 static StripeRequest *free_requests = NULL;
 static char *user_agent = NULL;
 
+/* The https URL whose server answered in HTTP/1.x: nothing to multiplex. */
+static char *url_without_h2 = NULL;
+
+#define H2_CONNECTIONS		8	/* connections when requests multiplex */
+
 static void
 client_exit(int code, Datum arg)
 {
 	if (multi != NULL)
 		curl_multi_cleanup(multi);
 	multi = NULL;
+	if (share != NULL)
+		curl_share_cleanup(share);
+	share = NULL;
 	curl_global_cleanup();
 }
 
@@ -288,6 +298,17 @@ client_setup(void)
 	client_cxt = AllocSetContextCreate(TopMemoryContext,
 									   "stripe_meter HTTP client",
 									   ALLOCSET_DEFAULT_SIZES);
+
+	/*
+	 * One process, one thread: the share needs no locks.  A request made on
+	 * a new connection resumes the TLS session of an earlier one.
+	 */
+	share = curl_share_init();
+	if (share != NULL)
+	{
+		curl_share_setopt(share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION);
+		curl_share_setopt(share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS);
+	}
 	v = curl_version_info(CURLVERSION_NOW);
 	user_agent = MemoryContextStrdup(client_cxt,
 									 psprintf("stripe_meter/%s (PostgreSQL %s) libcurl/%s",
@@ -330,6 +351,11 @@ StripeClientInit(void)
 				 errmsg("could not create the HTTP client")));
 	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_callback);
 	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_callback);
+	/* many requests share an HTTP/2 connection, up to the server's limit */
+	curl_multi_setopt(multi, CURLMOPT_PIPELINING, (long) CURLPIPE_MULTIPLEX);
+#if LIBCURL_VERSION_NUM >= 0x074300
+	curl_multi_setopt(multi, CURLMOPT_MAX_CONCURRENT_STREAMS, 1000L);
+#endif
 }
 
 /*
@@ -489,6 +515,24 @@ set_transport(CURL *e, const char *url)
 	curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
 	if (stripe_meter_ca_file != NULL && stripe_meter_ca_file[0] != '\0')
 		curl_easy_setopt(e, CURLOPT_CAINFO, stripe_meter_ca_file);
+	/* the CA file is read once per process, not for every connection */
+#if LIBCURL_VERSION_NUM >= 0x075700
+	curl_easy_setopt(e, CURLOPT_CA_CACHE_TIMEOUT, 86400L);
+#endif
+	if (share != NULL)
+		curl_easy_setopt(e, CURLOPT_SHARE, share);
+
+	/*
+	 * HTTP/2 when the server offers it (ALPN); a new request waits for a
+	 * connection it can share rather than opening one of its own.
+	 */
+	if (stripe_meter_http2 && pg_strncasecmp(url, "https://", 8) == 0)
+	{
+		curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_2TLS);
+		curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
+	}
+	else
+		curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_1_1);
 	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long) stripe_meter_connect_timeout);
 	curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long) stripe_meter_request_timeout);
@@ -758,6 +802,41 @@ rebuild_wait_set(void)
 	wait_set_dirty = false;
 }
 
+/* multiplexing connections: https, HTTP/2 offered, and not refused */
+static bool
+multiplexing(void)
+{
+	return stripe_meter_http2 &&
+		pg_strncasecmp(stripe_meter_api_url, "https://", 8) == 0 &&
+		(url_without_h2 == NULL || strcmp(url_without_h2, stripe_meter_api_url) != 0);
+}
+
+/*
+ * An answer over https in HTTP/1.x: the server does not speak HTTP/2, so
+ * each connection carries one request at a time and more are needed.
+ */
+static void
+note_http_version(StripeRequest *req)
+{
+	long		version = 0;
+	char	   *url = NULL;
+
+	if (!multiplexing())
+		return;
+	curl_easy_getinfo(req->easy, CURLINFO_EFFECTIVE_URL, &url);
+	curl_easy_getinfo(req->easy, CURLINFO_HTTP_VERSION, &version);
+	if (url == NULL || pg_strncasecmp(url, "https://", 8) != 0 ||
+		version == 0 || version >= CURL_HTTP_VERSION_2_0)
+		return;
+	if (url_without_h2 != NULL)
+		pfree(url_without_h2);
+	url_without_h2 = MemoryContextStrdup(client_cxt, stripe_meter_api_url);
+	ereport(LOG,
+			(errmsg("stripe_meter worker: %s does not offer HTTP/2, so each connection carries one request at a time",
+					stripe_meter_api_url)));
+	StripeClientSettingsChanged();
+}
+
 /* hand every finished transfer to the done callback */
 static void
 drain_finished(void)
@@ -774,6 +853,8 @@ drain_finished(void)
 			continue;
 		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &req);
 		read_result(req, msg->data.result, &http);
+		if (http.status != 0)
+			note_http_version(req);
 		curl_multi_remove_handle(multi, req->easy);
 		if (req->lifecycle)
 			lifecycle_in_flight--;
@@ -880,36 +961,47 @@ StripeClientWait(long timeout_ms, uint32 wait_event_info)
 
 /*
  * StripeClientSettingsChanged
- *		Apply settings that size the multi handle, after a reload.
+ *		Apply settings that size the multi handle, after a reload or when
+ *		the server turns out not to speak HTTP/2.
  */
 void
 StripeClientSettingsChanged(void)
 {
 	static int	logged_for = 0;
 	long		connections;
+	long		descriptors;
 
 	if (multi == NULL)
 		return;
 
 	/*
-	 * Every request in flight holds a connection, and so a descriptor, and
-	 * fd.c grants a process only a third of its safe descriptors for such
-	 * use.  Past that, sockets would fail to open and their requests be
-	 * retried in a loop (measured: 512 in flight delivered less than 256);
-	 * capped, curl queues the excess until a connection is free.
+	 * Every connection holds a descriptor, and fd.c grants a process only a
+	 * third of its safe descriptors for such use.  Past that, sockets would
+	 * fail to open and their requests be retried in a loop (measured: 512
+	 * in flight delivered less than 256); capped, curl queues the excess
+	 * until a connection is free.
 	 */
-	connections = Max(1, max_safe_fds / 3 - 8);
-	if (stripe_meter_max_in_flight > connections &&
-		logged_for != stripe_meter_max_in_flight)
+	descriptors = Max(1, max_safe_fds / 3 - 8);
+	if (stripe_meter_max_connections > 0)
+		connections = stripe_meter_max_connections;
+	else if (multiplexing())
+		connections = H2_CONNECTIONS;
+	else
 	{
-		logged_for = stripe_meter_max_in_flight;
-		ereport(LOG,
-				(errmsg("stripe_meter worker can open only %ld connections, fewer than stripe_meter.max_in_flight (%d)",
-						connections, stripe_meter_max_in_flight),
-				 errhint("Raise max_files_per_process, and the server's open files limit, to about %d.",
-						 3 * stripe_meter_max_in_flight + 100)));
+		/* HTTP/1.1: a connection per request in flight */
+		connections = stripe_meter_max_in_flight;
+		if (connections > descriptors && logged_for != stripe_meter_max_in_flight)
+		{
+			logged_for = stripe_meter_max_in_flight;
+			ereport(LOG,
+					(errmsg("stripe_meter worker can open only %ld connections, fewer than stripe_meter.max_in_flight (%d)",
+							descriptors, stripe_meter_max_in_flight),
+					 errhint("Raise max_files_per_process, and the server's open files limit, to about %d, or use HTTP/2.",
+							 3 * stripe_meter_max_in_flight + 100)));
+		}
 	}
-	connections = Min(connections, (long) stripe_meter_max_in_flight);
+	connections = Min(connections, descriptors);
 	curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, connections);
 	curl_multi_setopt(multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, connections);
+	curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, connections);
 }

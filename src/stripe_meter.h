@@ -68,6 +68,8 @@ extern char *stripe_meter_api_url;
 extern char *stripe_meter_stripe_version;
 extern char *stripe_meter_ca_file;
 extern int	stripe_meter_max_in_flight;
+extern bool stripe_meter_http2;
+extern int	stripe_meter_max_connections;
 extern int	stripe_meter_connect_timeout;
 extern int	stripe_meter_request_timeout;
 extern int	stripe_meter_retry_min_delay;
