@@ -664,6 +664,27 @@ check_error(post(method => 'GET', path => '/v1/billing/meter_events', body => ''
 	$mock->config({ request_log_size => 10000 });
 }
 
+# a request the mock holds: open and its scripted delay in the log, until answered
+{
+	$mock->script([ { match => { identifier => 'log-held' }, times => 1, delay_ms => 800 } ]);
+	my $s = raw_send((ev(identifier => 'log-held'))[0]);
+	my $held;
+	for (1 .. 50)
+	{
+		($held) = grep { ($_->{body} // '') =~ /identifier=log-held/ } @{ $mock->requests(limit => 5) };
+		last if $held;
+		sleep 0.05;
+	}
+	ok($held && $held->{open} && $held->{script_delay_ms} == 800 && !defined $held->{status},
+		'requests: a delayed request is open, with its script_delay_ms');
+	is(raw_read($s)->{status}, 200, 'requests: the delayed request is answered');
+	($held) = grep { ($_->{body} // '') =~ /identifier=log-held/ } @{ $mock->requests(limit => 5) };
+	ok(!$held->{open} && $held->{status} == 200, 'requests: no longer open once answered');
+	post(body => (ev())[0]);
+	my $plain = $mock->requests(limit => 1)->[0];
+	ok(!$plain->{open} && $plain->{script_delay_ms} == 0, 'requests: an unscripted request: closed, no delay');
+}
+
 # fault recorded in request log
 with_fault('500', {}, sub { post(body => (ev())[0]) });
 is($mock->requests(limit => 1)->[0]{fault}, '500', 'requests: fault recorded');

@@ -7,12 +7,16 @@
 const LOG_BODY_MAX = 16384;
 
 // A request's entry, logged when its body has arrived; status, fault,
-// replayed and duration_ms are filled in as it is answered.
+// replayed and duration_ms are filled in as it is answered, script_delay_ms
+// when a script entry delays it, and open turns false when the request ends
+// (answered, or the client went away), so a test can see which requests the
+// mock is holding right now.
 function newLogEntry(ctx, req, path) {
   return {
     time: ctx.t0, method: ctx.method, path, query: req.url.slice(path.length + 1), headers: req.headers,
     body: ctx.raw.length > LOG_BODY_MAX ? ctx.raw.slice(0, LOG_BODY_MAX) : ctx.raw,
     status: null, fault: null, replayed: false, request_id: ctx.requestId, duration_ms: null,
+    script_delay_ms: 0, open: !ctx.closed,
   };
 }
 

@@ -53,6 +53,7 @@ function onStripeRequest(req, res, path) {
   res.on('close', () => {
     if (ctx.closed) return;
     ctx.closed = true;
+    if (ctx.entry) ctx.entry.open = false;
     st.stats.in_flight--;
     if (!res.writableFinished && !ctx.fault) st.stats.client_aborts++;
     if (ctx.timer) clearTimeout(ctx.timer);
@@ -90,6 +91,7 @@ function handleStripe(ctx) {
   if (script) {
     st.stats.scripted++;
     ctx.extraDelay += script.delay_ms || 0;
+    ctx.entry.script_delay_ms = script.delay_ms || 0;
     if (script.fault) fault = script.fault;
     else if (script.status !== undefined) return scriptedResponse(ctx, script);
   } else {
