@@ -11,6 +11,7 @@ const { randId } = require('./ids');
 const { newLogEntry, pushLog } = require('./request-log');
 const { stripeError, invalid, rateLimitBody } = require('./stripe-errors');
 const { reply } = require('./delivery');
+const { connOf, isH2, abortRequest } = require('./connections');
 const { PRE_FAULTS, pickFault, preFault } = require('./faults');
 const { takeScript, scriptedResponse } = require('./scripts');
 const { findRoute } = require('./routes');
@@ -24,14 +25,18 @@ const MAX_IDEMPOTENCY_KEY = 255;
 
 // A Stripe request: counted, its body read, logged, then handled.
 function onStripeRequest(req, res, path) {
-  if (current.config.down) { current.state.stats.dropped_while_down++; req.socket.destroy(); return; }
+  const h2 = isH2(req);
+  // down: the request is dropped (its stream under h2, its connection under
+  // HTTP/1.1)
+  if (current.config.down) { current.state.stats.dropped_while_down++; abortRequest({ h2, req }); return; }
   const st = current.state;
   const cfg = current.config;
   st.stats.requests++;
   st.stats.in_flight++;
   if (st.stats.in_flight > st.stats.max_in_flight) st.stats.max_in_flight = st.stats.in_flight;
+  const conn = connOf(req);
   const ctx = {
-    req, res, st, cfg, path,
+    req, res, st, cfg, path, h2, conn,
     method: req.method,
     headers: req.headers,
     raw: '',
@@ -54,7 +59,9 @@ function onStripeRequest(req, res, path) {
     if (ctx.closed) return;
     ctx.closed = true;
     st.stats.in_flight--;
-    if (!res.writableFinished && !ctx.fault) st.stats.client_aborts++;
+    // (node's HTTP/2 answer reports writableFinished even when the client
+    // reset the stream; writableEnded tells)
+    if (!(h2 ? res.writableEnded : res.writableFinished) && !ctx.fault) st.stats.client_aborts++;
     if (ctx.timer) clearTimeout(ctx.timer);
   });
   const chunks = [];
