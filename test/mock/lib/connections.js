@@ -1,5 +1,6 @@
 // connections.js: the connections of the mock's listeners: each accepted
-// TCP socket gets a record (its id, the control requests it carries now); the raw sockets are counted in the stats
+// TCP socket gets a record (its id, the Stripe requests and control
+// requests it carries now); the raw sockets are counted in the stats
 // (open_connections), dropped when `down` is switched on (all but those
 // carrying a control request), destroyed at shutdown. A request finds its
 // record with connOf(); the faults that break a request off go through
@@ -16,24 +17,29 @@ const sockets = new Set();
 const kConn = Symbol('stripe-mock connection');
 let nextId = 1;
 
-// One accepted TCP connection. control counts the control requests it
-// carries now.
+// One accepted TCP connection. stripe and control count the requests of
+// each kind it carries now; countedBy is the state object
+// (mock-state.js) whose stats last counted it as carrying a Stripe request,
+// so a reset starts the count of connections used afresh.
 class Conn {
   constructor(raw) {
     this.id = nextId++;
     this.raw = raw;
+    this.stripe = 0;
     this.control = 0;
+    this.countedBy = null;
   }
 }
 
 // Keep a listener's raw sockets in `sockets` while they are open, each with
-// its record.
-function trackConnections(server) {
+// its record; onAccept(conn) is called for each new one.
+function trackConnections(server, onAccept) {
   server.on('connection', (s) => {
     const c = new Conn(s);
     s[kConn] = c;
     sockets.add(s);
     s.on('close', () => sockets.delete(s));
+    if (onAccept) onAccept(c);
   });
 }
 
@@ -97,6 +103,14 @@ function resetSocket(sock) {
   sock.destroy();
 }
 
+// A Stripe request stops counting among its connection's requests (the
+// streams open on it) when the mock ends its answer or breaks it off, not
+// when node reports the request closed: the client may already have opened
+// the next stream (or sent the next HTTP/1.1 request) by then. Idempotent.
+function releaseConn(ctx) {
+  if (ctx.onConn) { ctx.onConn = false; ctx.conn.stripe--; }
+}
+
 // Close a request's HTTP/2 stream with RST_STREAM INTERNAL_ERROR (never
 // REFUSED_STREAM, which tells the client the request was not processed and
 // may be retried as is).
@@ -108,6 +122,7 @@ function resetStream(req) {
 // The reset faults: RST_STREAM under h2; a TCP reset of the connection
 // under HTTP/1.1 (the raw socket's, so it is a real RST in https too).
 function resetRequest(ctx) {
+  releaseConn(ctx);
   if (ctx.h2) return resetStream(ctx.req);
   resetSocket(ctx.conn.raw || ctx.req.socket);
 }
@@ -116,11 +131,12 @@ function resetRequest(ctx) {
 // answer's end, a request while `down`): RST_STREAM under h2; the
 // connection closed under HTTP/1.1.
 function abortRequest(ctx) {
+  releaseConn(ctx);
   if (ctx.h2) return resetStream(ctx.req);
   ctx.req.socket.destroy();
 }
 
 module.exports = {
   sockets, trackConnections, connOf, isH2, holdForControl,
-  dropStripeSockets, resetRequest, abortRequest,
+  dropStripeSockets, releaseConn, resetRequest, abortRequest,
 };

@@ -8,7 +8,7 @@
 
 const { validateHeaderName, validateHeaderValue } = require('http');
 const { stripeError, serverError500 } = require('./stripe-errors');
-const { resetRequest, abortRequest } = require('./connections');
+const { releaseConn, resetRequest, abortRequest } = require('./connections');
 
 function reply(ctx, status, bodyObj, headers) {
   deliver(ctx, { status, headers: headers || null, body: JSON.stringify(bodyObj) });
@@ -77,6 +77,7 @@ function deliverNow(ctx, r) {
     // A string body goes out in the same write as the headers.
     headers['Content-Length'] = String(Buffer.byteLength(r.body, 'utf8'));
     if (!safeWriteHead(ctx, res, status, headers)) return;
+    releaseConn(ctx);
     res.end(r.body, 'utf8');
     return;
   }
@@ -95,7 +96,7 @@ function deliverNow(ctx, r) {
     let i = 0;
     const step = () => {
       if (ctx.closed) return;
-      if (i >= buf.length) { res.end(); return; }
+      if (i >= buf.length) { releaseConn(ctx); res.end(); return; }
       res.write(buf.subarray(i, i + 1));
       i++;
       setCtxTimer(ctx, setTimeout(step, ctx.cfg.trickle_interval_ms));
@@ -169,6 +170,7 @@ function sendHuge(ctx, res, status, headers) {
         return;
       }
     }
+    releaseConn(ctx);
     res.end(tail.slice(tail.length - suffixLen));
   };
   pump();

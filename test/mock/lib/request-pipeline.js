@@ -11,7 +11,7 @@ const { randId } = require('./ids');
 const { newLogEntry, pushLog } = require('./request-log');
 const { stripeError, invalid, rateLimitBody } = require('./stripe-errors');
 const { reply } = require('./delivery');
-const { connOf, isH2, abortRequest } = require('./connections');
+const { connOf, isH2, abortRequest, releaseConn } = require('./connections');
 const { PRE_FAULTS, pickFault, preFault } = require('./faults');
 const { takeScript, scriptedResponse } = require('./scripts');
 const { findRoute } = require('./routes');
@@ -31,12 +31,20 @@ function onStripeRequest(req, res, path) {
   if (current.config.down) { current.state.stats.dropped_while_down++; abortRequest({ h2, req }); return; }
   const st = current.state;
   const cfg = current.config;
-  st.stats.requests++;
-  st.stats.in_flight++;
-  if (st.stats.in_flight > st.stats.max_in_flight) st.stats.max_in_flight = st.stats.in_flight;
+  const stats = st.stats;
+  stats.requests++;
+  stats.in_flight++;
+  if (stats.in_flight > stats.max_in_flight) stats.max_in_flight = stats.in_flight;
+  // per protocol and per connection: which carried Stripe requests, and how
+  // many at once (HTTP/2 streams; one at a time on HTTP/1.1); see
+  // releaseConn() for when a request stops counting
   const conn = connOf(req);
+  if (h2) stats.requests_h2++; else stats.requests_http1++;
+  if (conn.countedBy !== st) { conn.countedBy = st; stats.connections_with_requests++; }
+  if (++conn.stripe > stats.max_streams_per_connection) stats.max_streams_per_connection = conn.stripe;
   const ctx = {
     req, res, st, cfg, path, h2, conn,
+    onConn: true,
     method: req.method,
     headers: req.headers,
     raw: '',
@@ -58,6 +66,7 @@ function onStripeRequest(req, res, path) {
   res.on('close', () => {
     if (ctx.closed) return;
     ctx.closed = true;
+    releaseConn(ctx);
     st.stats.in_flight--;
     // (node's HTTP/2 answer reports writableFinished even when the client
     // reset the stream; writableEnded tells)

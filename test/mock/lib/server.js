@@ -3,7 +3,7 @@
 // http/1.1 with --http1-only; --h2-max-streams sets HTTP/2's
 // SETTINGS_MAX_CONCURRENT_STREAMS), with a second, plain http listener for
 // the control API; keep-alive timeouts, malformed requests, TLS handshake
-// failures; the split between the
+// failures; the connection counts of the stats; the split between the
 // control API (/__mock/) and Stripe's; shutdown on SIGTERM/SIGINT or, with
 // --parent-watch, when stdin closes; and the {"listening":PORT} line.
 'use strict';
@@ -60,7 +60,13 @@ function start({ port, host, parentWatch, tlsCert, tlsKey, controlPort, http1Onl
   server.keepAliveTimeout = 65000;
   server.headersTimeout = 66000;
   server.requestTimeout = 0;
-  trackConnections(server);
+  // Every connection accepted on the API port is counted; in plain http it
+  // is HTTP/1.1 at once, in TLS once ALPN has chosen.
+  trackConnections(server, () => {
+    const stats = current.state.stats;
+    stats.connections_accepted++;
+    if (tlsCert === null) stats.connections_http1++;
+  });
   server.on('clientError', (err, socket) => {
     if (socket.writable && !socket.destroyed) {
       try { socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n'); } catch (e) { /* ignore */ }
@@ -70,6 +76,10 @@ function start({ port, host, parentWatch, tlsCert, tlsKey, controlPort, http1Onl
   if (tlsCert !== null) {
     // a failed handshake is the client's verdict; note it, keep serving
     server.on('tlsClientError', () => { current.state.stats.tls_handshake_failures++; });
+    server.on('secureConnection', (tls) => {
+      if (tls.alpnProtocol === 'h2') current.state.stats.connections_h2++;
+      else current.state.stats.connections_http1++;
+    });
     // An HTTP/2 session's errors (a client breaking the protocol) end that
     // session alone, not the mock.
     server.on('sessionError', () => {});
@@ -105,7 +115,7 @@ function start({ port, host, parentWatch, tlsCert, tlsKey, controlPort, http1Onl
   };
   server.listen(port, host, () => {
     if (!control) return announce();
-    trackConnections(control);
+    trackConnections(control, null);
     control.listen(controlPort, host, announce);
   });
 }
