@@ -14,7 +14,7 @@ const { start } = require('./lib/server');
 function usage(msg) {
   if (msg) process.stderr.write('stripe-mock: ' + msg + '\n');
   process.stderr.write('usage: node stripe-mock.js [--port N] [--host 127.0.0.1|localhost|::1] [--parent-watch]\n' +
-    '       [--tls-cert FILE --tls-key FILE [--control-port N]]\n');
+    '       [--tls-cert FILE --tls-key FILE [--control-port N] [--http1-only | --h2-max-streams N]]\n');
   process.exit(2);
 }
 
@@ -25,6 +25,8 @@ function main() {
   let tlsCert = null;
   let tlsKey = null;
   let controlPort = 0;
+  let http1Only = false;
+  let h2MaxStreams = null;
   const argv = process.argv.slice(2);
   for (let i = 0; i < argv.length; i++) {
     let a = argv[i];
@@ -46,6 +48,12 @@ function main() {
       const v = next();
       if (!/^[0-9]+$/.test(v) || Number(v) > 65535) usage('bad control port: ' + v);
       controlPort = Number(v);
+    } else if (a === '--http1-only') {
+      http1Only = true;
+    } else if (a === '--h2-max-streams') {
+      const v = next();
+      if (!/^[0-9]+$/.test(v) || Number(v) < 1 || Number(v) > 4294967295) usage('bad --h2-max-streams: ' + v);
+      h2MaxStreams = Number(v);
     } else if (a === '--parent-watch') {
       parentWatch = true;
     } else if (a === '--help' || a === '-h') {
@@ -58,7 +66,10 @@ function main() {
   if (host !== '127.0.0.1' && host !== '::1') usage('refusing to bind to non-loopback host ' + host);
 
   if ((tlsCert === null) !== (tlsKey === null)) usage('--tls-cert and --tls-key go together');
-  start({ port, host, parentWatch, tlsCert, tlsKey, controlPort });
+  // HTTP/2 is offered over TLS only (no h2c), so plain http is HTTP/1.1
+  // anyway and --http1-only changes nothing there.
+  if (h2MaxStreams !== null && (tlsCert === null || http1Only)) usage('--h2-max-streams needs TLS and HTTP/2 (no --http1-only)');
+  start({ port, host, parentWatch, tlsCert, tlsKey, controlPort, http1Only, h2MaxStreams });
 }
 
 main();

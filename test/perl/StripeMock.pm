@@ -58,7 +58,11 @@ sub _find_node
 Starts the mock on an OS-chosen port (C<port> to override) and waits for it
 to listen (C<timeout>, default 30 s). C<tls_cert> and C<tls_key> (PEM files)
 serve the API over https: url is then https://localhost:PORT (C<tls_host>
-to name another host) and the control API uses a second, plain http port. C<config> (hashref) is applied right
+to name another host) and the control API uses a second, plain http port.
+Over TLS the mock offers h2 and http/1.1 through ALPN, as Stripe does;
+C<< http1_only => 1 >> offers http/1.1 alone, and C<< h2_max_streams => N >>
+sets HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS (default 100); both need
+C<tls_cert>. C<config> (hashref) is applied right
 after start. C<node> overrides the node binary (default: $ENV{NODE}, then
 node / nodejs on PATH). Dies with the mock's stderr on failure.
 
@@ -70,6 +74,10 @@ sub new
 	my $node = $opts{node} || _find_node()
 	  or croak "StripeMock: cannot find node (or nodejs) in PATH; set \$ENV{NODE}";
 	croak "StripeMock: mock server not found at $MOCK_JS" unless -f $MOCK_JS;
+	croak 'StripeMock: http1_only and h2_max_streams need tls_cert and tls_key'
+	  if ($opts{http1_only} || defined $opts{h2_max_streams}) && !$opts{tls_cert};
+	croak 'StripeMock: h2_max_streams is for HTTP/2, not with http1_only'
+	  if $opts{http1_only} && defined $opts{h2_max_streams};
 	my $port = $opts{port} // 0;
 	my $timeout = $opts{timeout} // 30;
 
@@ -102,6 +110,8 @@ sub new
 		open(STDOUT, '>&', $out_w) or POSIX::_exit(126);
 		open(STDERR, '>>', $stderr_file) or POSIX::_exit(126);
 		my @tls = $opts{tls_cert} ? ('--tls-cert', $opts{tls_cert}, '--tls-key', $opts{tls_key}) : ();
+		push @tls, '--http1-only' if $opts{http1_only};
+		push @tls, '--h2-max-streams', $opts{h2_max_streams} if defined $opts{h2_max_streams};
 		exec($node, $MOCK_JS, '--host', '127.0.0.1', '--port', $port, '--parent-watch', @tls)
 		  or do { print STDERR "exec $node failed: $!\n"; POSIX::_exit(127); };
 	}

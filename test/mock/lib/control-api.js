@@ -1,12 +1,12 @@
 // control-api.js: the control API the tests drive the mock with
 // (/__mock/...: health, config, reset, script, stats, events, requests,
 // sessions, expire_sessions, async_errors, lifecycle); JSON in and out, no
-// auth, never faulted, logged or counted. Its requests keep their socket
+// auth, never faulted, logged or counted. Its requests keep their connection
 // when `down` drops the others.
 'use strict';
 
 const { current, applyConfig, reset } = require('./mock-state');
-const { sockets } = require('./connections');
+const { sockets, holdForControl } = require('./connections');
 const { recentLog } = require('./request-log');
 const { validateScript } = require('./scripts');
 const { sessionInfo, expireSessions } = require('./v2-meter-event-sessions');
@@ -35,9 +35,7 @@ function controlStats(query) {
 }
 
 function onControl(req, res, path, query) {
-  const sock = req.socket;
-  sock._smMockBusy = true;
-  res.on('close', () => { sock._smMockBusy = false; });
+  holdForControl(req, res);
   const chunks = [];
   req.on('data', (c) => chunks.push(c));
   req.on('error', () => {});

@@ -6,8 +6,9 @@
 // Every Stripe answer goes through deliver(); `reply` is the JSON shortcut.
 'use strict';
 
+const { validateHeaderName, validateHeaderValue } = require('http');
 const { stripeError, serverError500 } = require('./stripe-errors');
-const { resetSocket } = require('./connections');
+const { releaseConn, resetRequest, abortRequest } = require('./connections');
 
 function reply(ctx, status, bodyObj, headers) {
   deliver(ctx, { status, headers: headers || null, body: JSON.stringify(bodyObj) });
@@ -48,10 +49,11 @@ function deliverNow(ctx, r) {
     else if (fault === 'truncated') mode = 'truncated';
     else if (fault === 'trickle') mode = 'trickle';
   }
-  const sock = ctx.req.socket;
-  if (mode === 'reset') { resetSocket(sock); return; }
+  // reset, and a hold's end, break off this request only: its stream under
+  // h2, its connection under HTTP/1.1 (connections.js)
+  if (mode === 'reset') { resetRequest(ctx); return; }
   if (mode === 'hold') {
-    if (!ctx.closed) setCtxTimer(ctx, setTimeout(() => sock.destroy(), ctx.cfg.timeout_hold_ms));
+    if (!ctx.closed) setCtxTimer(ctx, setTimeout(() => abortRequest(ctx), ctx.cfg.timeout_hold_ms));
     return;
   }
   const status = r.status;
@@ -74,25 +76,27 @@ function deliverNow(ctx, r) {
   if (mode === 'normal') {
     // A string body goes out in the same write as the headers.
     headers['Content-Length'] = String(Buffer.byteLength(r.body, 'utf8'));
-    if (!safeWriteHead(res, status, headers)) return;
+    if (!safeWriteHead(ctx, res, status, headers)) return;
+    releaseConn(ctx);
     res.end(r.body, 'utf8');
     return;
   }
   const buf = Buffer.from(r.body, 'utf8');
   if (mode === 'truncated') {
     headers['Content-Length'] = String(buf.length * 2 + 64);
-    if (!safeWriteHead(res, status, headers)) return;
-    res.write(buf.subarray(0, Math.max(1, buf.length >> 1)), () => sock.destroy());
+    if (!safeWriteHead(ctx, res, status, headers)) return;
+    // half the body, then the stream (h2) or the connection is broken off
+    res.write(buf.subarray(0, Math.max(1, buf.length >> 1)), () => abortRequest(ctx));
     return;
   }
   headers['Content-Length'] = String(buf.length);
   if (mode === 'trickle') {
-    if (!safeWriteHead(res, status, headers)) return;
+    if (!safeWriteHead(ctx, res, status, headers)) return;
     res.flushHeaders();
     let i = 0;
     const step = () => {
       if (ctx.closed) return;
-      if (i >= buf.length) { res.end(); return; }
+      if (i >= buf.length) { releaseConn(ctx); res.end(); return; }
       res.write(buf.subarray(i, i + 1));
       i++;
       setCtxTimer(ctx, setTimeout(step, ctx.cfg.trickle_interval_ms));
@@ -112,8 +116,21 @@ function mergeHeaders(headers, extra) {
   }
 }
 
-function safeWriteHead(res, status, headers) {
+// Headers HTTP/2 forbids (RFC 9113 8.2.2); a scripted answer's are dropped
+// under h2, as a proxy in front of an HTTP/1.1 origin drops them.
+const H1_CONNECTION_HEADERS = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade']);
+
+function safeWriteHead(ctx, res, status, headers) {
   try {
+    if (ctx.h2) {
+      // node's HTTP/1.1 answer checks header names and values, its HTTP/2
+      // answer does not (the client would refuse the stream): check here
+      for (const k of Object.keys(headers)) {
+        if (H1_CONNECTION_HEADERS.has(k.toLowerCase())) { delete headers[k]; continue; }
+        validateHeaderName(k);
+        validateHeaderValue(k, headers[k]);
+      }
+    }
     res.writeHead(status, headers);
     return true;
   } catch (e) {
@@ -136,7 +153,7 @@ function sendHuge(ctx, res, status, headers) {
   const tail = status >= 400 ? '"}}' : '"}';
   if (status >= 500) headers['Stripe-Should-Retry'] = 'true';
   headers['Content-Length'] = String(total);
-  if (!safeWriteHead(res, status, headers)) return;
+  if (!safeWriteHead(ctx, res, status, headers)) return;
   // Stream: head, padding, tail, exactly `total` bytes (truncated if tiny).
   const prefix = Buffer.from(head.slice(0, total), 'utf8');
   const suffixLen = Math.max(0, Math.min(tail.length, total - prefix.length));
@@ -153,6 +170,7 @@ function sendHuge(ctx, res, status, headers) {
         return;
       }
     }
+    releaseConn(ctx);
     res.end(tail.slice(tail.length - suffixLen));
   };
   pump();

@@ -29,6 +29,17 @@ function newStats() {
     client_aborts: 0,
     dropped_while_down: 0,
     tls_handshake_failures: 0,
+    // connections accepted on the API port, by protocol once negotiated
+    // (h2 sessions; http/1.1 sockets, plain or TLS)
+    connections_accepted: 0,
+    connections_h2: 0,
+    connections_http1: 0,
+    // Stripe requests by protocol, the connections that carried any, and
+    // the most carried at once by one connection (concurrent streams)
+    requests_h2: 0,
+    requests_http1: 0,
+    connections_with_requests: 0,
+    max_streams_per_connection: 0,
     distinct_idempotency_keys_per_identifier_max: 0,
     identifiers_billed_under_multiple_keys: 0,
     identifiers_billed_multiple_times: 0,

@@ -13,11 +13,21 @@ const LOG_BODY_MAX = 16384;
 // mock is holding right now.
 function newLogEntry(ctx, req, path) {
   return {
-    time: ctx.t0, method: ctx.method, path, query: req.url.slice(path.length + 1), headers: req.headers,
+    time: ctx.t0, method: ctx.method, path, query: req.url.slice(path.length + 1),
+    headers: ctx.h2 ? withoutPseudoHeaders(req.headers) : req.headers,
     body: ctx.raw.length > LOG_BODY_MAX ? ctx.raw.slice(0, LOG_BODY_MAX) : ctx.raw,
     status: null, fault: null, replayed: false, request_id: ctx.requestId, duration_ms: null,
     script_delay_ms: 0, open: !ctx.closed,
+    protocol: ctx.h2 ? 'h2' : 'http/1.1', connection_id: ctx.conn.id,
   };
+}
+
+// An HTTP/2 request's headers without :method, :path, :scheme, :authority
+// (method and path have their own fields).
+function withoutPseudoHeaders(h) {
+  const out = {};
+  for (const k of Object.keys(h)) if (k.charCodeAt(0) !== 58) out[k] = h[k];
+  return out;
 }
 
 function resizeLog(st, size) {

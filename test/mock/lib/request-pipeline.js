@@ -11,6 +11,7 @@ const { randId } = require('./ids');
 const { newLogEntry, pushLog } = require('./request-log');
 const { stripeError, invalid, rateLimitBody } = require('./stripe-errors');
 const { reply } = require('./delivery');
+const { connOf, isH2, abortRequest, releaseConn } = require('./connections');
 const { PRE_FAULTS, pickFault, preFault } = require('./faults');
 const { takeScript, scriptedResponse } = require('./scripts');
 const { findRoute } = require('./routes');
@@ -24,14 +25,26 @@ const MAX_IDEMPOTENCY_KEY = 255;
 
 // A Stripe request: counted, its body read, logged, then handled.
 function onStripeRequest(req, res, path) {
-  if (current.config.down) { current.state.stats.dropped_while_down++; req.socket.destroy(); return; }
+  const h2 = isH2(req);
+  // down: the request is dropped (its stream under h2, its connection under
+  // HTTP/1.1)
+  if (current.config.down) { current.state.stats.dropped_while_down++; abortRequest({ h2, req }); return; }
   const st = current.state;
   const cfg = current.config;
-  st.stats.requests++;
-  st.stats.in_flight++;
-  if (st.stats.in_flight > st.stats.max_in_flight) st.stats.max_in_flight = st.stats.in_flight;
+  const stats = st.stats;
+  stats.requests++;
+  stats.in_flight++;
+  if (stats.in_flight > stats.max_in_flight) stats.max_in_flight = stats.in_flight;
+  // per protocol and per connection: which carried Stripe requests, and how
+  // many at once (HTTP/2 streams; one at a time on HTTP/1.1); see
+  // releaseConn() for when a request stops counting
+  const conn = connOf(req);
+  if (h2) stats.requests_h2++; else stats.requests_http1++;
+  if (conn.countedBy !== st) { conn.countedBy = st; stats.connections_with_requests++; }
+  if (++conn.stripe > stats.max_streams_per_connection) stats.max_streams_per_connection = conn.stripe;
   const ctx = {
-    req, res, st, cfg, path,
+    req, res, st, cfg, path, h2, conn,
+    onConn: true,
     method: req.method,
     headers: req.headers,
     raw: '',
@@ -54,8 +67,11 @@ function onStripeRequest(req, res, path) {
     if (ctx.closed) return;
     ctx.closed = true;
     if (ctx.entry) ctx.entry.open = false;
+    releaseConn(ctx);
     st.stats.in_flight--;
-    if (!res.writableFinished && !ctx.fault) st.stats.client_aborts++;
+    // (node's HTTP/2 answer reports writableFinished even when the client
+    // reset the stream; writableEnded tells)
+    if (!(h2 ? res.writableEnded : res.writableFinished) && !ctx.fault) st.stats.client_aborts++;
     if (ctx.timer) clearTimeout(ctx.timer);
   });
   const chunks = [];
