@@ -1001,7 +1001,13 @@ StripeClientSettingsChanged(void)
 		}
 	}
 	connections = Min(connections, descriptors);
-	curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, connections);
+
+	/*
+	 * The cache may hold more than are open at once: with room for exactly
+	 * that many, curl closed an HTTP/2 connection whenever it replaced one
+	 * (half of them in a test, each after a single round of streams).
+	 */
+	curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, 2 * connections);
 	curl_multi_setopt(multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, connections);
 	curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, connections);
 }

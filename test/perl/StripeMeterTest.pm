@@ -20,6 +20,7 @@ use warnings;
 
 use Carp qw(croak);
 use Exporter 'import';
+use IPC::Run ();
 use JSON::PP ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -34,6 +35,7 @@ our @EXPORT = qw(
   wait_for wait_mock query_json
   meter_requests requests_for form_pairs form_value
   worker_pids mock_events_for
+  make_certificates
 );
 
 # Test keys: the mock accepts sk_test_ + 8 or more letters and digits.  Tests
@@ -269,6 +271,43 @@ sub worker_pids
 	my $out = $node->safe_psql('postgres',
 		"SELECT pid FROM pg_stat_activity WHERE $where ORDER BY pid");
 	return [ grep { length } split /\n/, $out ];
+}
+
+=head2 make_certificates($dir, [$name, $cn, $san], ...)
+
+Makes a test CA ($dir/ca.pem) and, for each [$name, $cn, $san], a server
+certificate it signs ($dir/$name.pem, $dir/$name.key) for that common name
+and subjectAltName (for example 'DNS:localhost,IP:127.0.0.1'), with openssl.
+
+=cut
+
+sub _openssl
+{
+	my @cmd = ('openssl', @_);
+	my ($out, $err) = ('', '');
+	IPC::Run::run(\@cmd, '>', \$out, '2>', \$err) or die "openssl @_ failed: $err";
+	return;
+}
+
+sub make_certificates
+{
+	my ($dir, @certs) = @_;
+	my @ec = ('-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes');
+	_openssl('req', '-x509', @ec, '-keyout', "$dir/ca.key", '-out', "$dir/ca.pem", '-days', '2',
+		'-subj', '/CN=stripe_meter test CA',
+		'-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign');
+	for my $cert (@certs)
+	{
+		my ($name, $cn, $san) = @$cert;
+		open(my $fh, '>', "$dir/$name.ext") or die "cannot write $dir/$name.ext: $!";
+		print $fh "subjectAltName=$san\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n";
+		close $fh;
+		_openssl('req', @ec, '-keyout', "$dir/$name.key", '-out', "$dir/$name.csr", '-subj', "/CN=$cn");
+		_openssl('x509', '-req', '-in', "$dir/$name.csr", '-CA', "$dir/ca.pem", '-CAkey', "$dir/ca.key",
+			'-CAcreateserial', '-out', "$dir/$name.pem", '-days', '2', '-extfile', "$dir/$name.ext");
+	}
+	chmod 0644, glob("$dir/*");
+	return;
 }
 
 1;

@@ -12,7 +12,6 @@ use warnings;
 
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
-use IPC::Run ();
 use Test::More;
 
 use StripeMeterTest;
@@ -20,33 +19,10 @@ use StripeMock;
 
 my $dir = PostgreSQL::Test::Utils::tempdir;
 
-sub openssl
-{
-	my @cmd = ('openssl', @_);
-	my ($ok, $out, $err) = (0, '', '');
-	$ok = IPC::Run::run(\@cmd, '>', \$out, '2>', \$err);
-	die "openssl @_ failed: $err" unless $ok;
-	return;
-}
-
 # A CA, a server certificate for localhost/127.0.0.1 and one for another
 # host, both signed by the CA.
-my @ec = ('-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes');
-openssl('req', '-x509', @ec, '-keyout', "$dir/ca.key", '-out', "$dir/ca.pem", '-days', '2',
-	'-subj', '/CN=stripe_meter test CA',
-	'-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign');
-for my $cert ([ 'server', 'localhost', 'DNS:localhost,IP:127.0.0.1' ],
-	[ 'wrong', 'wrong.example', 'DNS:wrong.example' ])
-{
-	my ($name, $cn, $san) = @$cert;
-	open(my $fh, '>', "$dir/$name.ext") or die;
-	print $fh "subjectAltName=$san\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n";
-	close $fh;
-	openssl('req', @ec, '-keyout', "$dir/$name.key", '-out', "$dir/$name.csr", '-subj', "/CN=$cn");
-	openssl('x509', '-req', '-in', "$dir/$name.csr", '-CA', "$dir/ca.pem", '-CAkey', "$dir/ca.key",
-		'-CAcreateserial', '-out', "$dir/$name.pem", '-days', '2', '-extfile', "$dir/$name.ext");
-}
-chmod 0644, glob("$dir/*");
+make_certificates($dir, [ 'server', 'localhost', 'DNS:localhost,IP:127.0.0.1' ],
+	[ 'wrong', 'wrong.example', 'DNS:wrong.example' ]);
 
 # A proxy named in the server's environment: a second mock that must never
 # see a request.  Only http_proxy (libcurl ignores HTTP_PROXY); no proxy for
