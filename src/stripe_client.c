@@ -351,10 +351,16 @@ StripeClientInit(void)
 				 errmsg("could not create the HTTP client")));
 	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_callback);
 	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_callback);
-	/* many requests share an HTTP/2 connection, up to the server's limit */
+	/*
+	 * Many requests share an HTTP/2 connection, up to the server's limit.
+	 * Until the server's settings arrive a connection is assumed to take
+	 * 100 streams (the least HTTP/2 servers are advised to allow), not
+	 * more: streams past the server's limit are refused, and curl then
+	 * gives that connection up once its streams are done.
+	 */
 	curl_multi_setopt(multi, CURLMOPT_PIPELINING, (long) CURLPIPE_MULTIPLEX);
 #if LIBCURL_VERSION_NUM >= 0x074300
-	curl_multi_setopt(multi, CURLMOPT_MAX_CONCURRENT_STREAMS, 1000L);
+	curl_multi_setopt(multi, CURLMOPT_MAX_CONCURRENT_STREAMS, 100L);
 #endif
 }
 
