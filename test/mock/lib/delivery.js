@@ -74,8 +74,14 @@ function deliverNow(ctx, r) {
 
   if (mode === 'huge') return sendHuge(ctx, res, status, headers);
   if (mode === 'normal') {
-    // A string body goes out in the same write as the headers.
-    headers['Content-Length'] = String(Buffer.byteLength(r.body, 'utf8'));
+    // A string body goes out in the same write as the headers.  Under h2 the
+    // body ends with the stream (END_STREAM), without Content-Length: node
+    // sends END_STREAM in a frame of its own after the body, libcurl 7.88
+    // then ends the transfer at Content-Length and resets the stream
+    // (RST_STREAM STREAM_CLOSED, for about a third of them), and node's
+    // guard against rapid resets ends the connection after a thousand or so,
+    // cutting off the requests in flight on it.
+    if (!ctx.h2) headers['Content-Length'] = String(Buffer.byteLength(r.body, 'utf8'));
     if (!safeWriteHead(ctx, res, status, headers)) return;
     releaseConn(ctx);
     res.end(r.body, 'utf8');
