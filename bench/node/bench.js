@@ -20,6 +20,7 @@ const PGDATA = process.env.PGDATA;
 const MOCK_PORT = Number(process.env.MOCK_PORT);
 const MOCK_PID = Number(process.env.MOCK_PID);
 const TMP = process.env.BENCH_TMP;
+const CA_FILE = process.env.BENCH_CA;
 const DB = 'bench';
 const CLK_TCK = Number(execFileSync('getconf', ['CLK_TCK']).toString().trim()) || 100;
 
@@ -29,6 +30,7 @@ const P = Q ? {
   drainEvents: 20000, latencies: [0, 20, 100], skewEvents: 20000, drainTimeout: 60,
   v2Events: 40000, skewWindowTimeout: 20, skewHotWindow: 3,
   wrkSeconds: 3, wrkConns: [256],
+  h2loadSeconds: 3, h2loadWarm: 1, h2loadCases: [{ clients: 8, streams: 100 }],
   sdkSeconds: 4, sdkConcurrency: [1, 10, 100],
   probes: 40, loadRate: 1000,
   fairCold: 200, fairCommits: 4, fairHot: 10000, fairTimeout: 15,
@@ -39,6 +41,7 @@ const P = Q ? {
   drainEvents: 100000, latencies: [0, 20, 100], skewEvents: 100000, drainTimeout: 120,
   v2Events: 200000, skewWindowTimeout: 60, skewHotWindow: 10,
   wrkSeconds: 10, wrkConns: [64, 256],
+  h2loadSeconds: 10, h2loadWarm: 2, h2loadCases: [{ clients: 1, streams: 100 }, { clients: 8, streams: 100 }],
   sdkSeconds: 15, sdkConcurrency: [1, 10, 100],
   probes: 300, loadRate: 2000,
   fairCold: 200, fairCommits: 4, fairHot: 50000, fairTimeout: 15,
@@ -48,6 +51,37 @@ const P = Q ? {
 
 // Findings that explain gaps, printed under "Notes" in RESULTS.md.
 const NOTES = [];
+
+// The two paths to the mock (bench/README.md, "Two paths").  Each has its
+// own mock process (its own stats and CPU time).  h2: the headline, TLS with
+// HTTP/2 offered through ALPN as Stripe does, every setting at its default
+// (max_files_per_process untouched, so PostgreSQL's 1000); the worker trusts
+// the run's test CA.  http1: plain HTTP/1.1 on loopback, one connection per
+// request in flight, so max_files_per_process = 2000 for the 512 of the
+// scaling run.  maxFiles null means the server's default (ALTER SYSTEM RESET).
+const PATHS = {
+  h2: {
+    name: 'h2', label: 'TLS + HTTP/2',
+    url: `https://localhost:${process.env.TLS_MOCK_PORT}`, port: Number(process.env.TLS_MOCK_PORT),
+    control: Number(process.env.TLS_MOCK_CONTROL), pid: Number(process.env.TLS_MOCK_PID),
+    maxFiles: null,
+  },
+  http1: {
+    name: 'http1', label: 'plain HTTP/1.1',
+    url: `http://127.0.0.1:${MOCK_PORT}`, port: MOCK_PORT,
+    control: MOCK_PORT, pid: MOCK_PID,
+    maxFiles: 2000,
+  },
+};
+// the path in use; the cluster starts with the TLS mock's URLs (and the
+// CA file, for both paths) in postgresql.conf and max_files_per_process at
+// its default
+let CUR = PATHS.h2;
+let curUrlsOf = 'h2';
+let curMaxFiles = null;
+// pg_settings' max_files_per_process and its source, and the server's
+// safe descriptors are what the worker sizes its connections by
+let curMaxFilesShown = null;
 
 const log = (...a) => console.log('[bench ' + new Date().toISOString().slice(11, 19) + ']', ...a);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -72,7 +106,7 @@ function mock(method, p, body) {
   return new Promise((resolve, reject) => {
     const data = body === undefined ? null : JSON.stringify(body);
     const req = http.request({
-      host: '127.0.0.1', port: MOCK_PORT, method, path: p,
+      host: '127.0.0.1', port: CUR.control, method, path: p,
       headers: data ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) } : {},
     }, (res) => {
       const chunks = [];
@@ -160,14 +194,43 @@ function anonKb(pid) {
   return m ? Number(m[1]) : null;
 }
 
+// TCP connections a process holds open to a local port: its sockets
+// (/proc/PID/fd) that /proc/net/tcp{,6} lists as established to that port.
+// The mock counts the connections that carried requests, not how many
+// were open at once; this is the worker's side of it, sampled.
+function openConnections(pid, port) {
+  const inodes = new Set();
+  try {
+    for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+      try {
+        const m = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/${pid}/fd/${fd}`));
+        if (m) inodes.add(m[1]);
+      } catch (e) { /* closed meanwhile */ }
+    }
+  } catch (e) {
+    return null;
+  }
+  let n = 0;
+  for (const f of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    let lines;
+    try { lines = fs.readFileSync(f, 'utf8').split('\n').slice(1); } catch (e) { continue; }
+    for (const line of lines) {
+      const c = line.trim().split(/\s+/);
+      if (c.length < 10 || c[3] !== '01') continue;	// 01: ESTABLISHED
+      if (parseInt(c[2].split(':')[1], 16) === port && inodes.has(c[9])) n++;
+    }
+  }
+  return n;
+}
+
 function cpuSnap(wpid, extraPids = []) {
   return {
     t: nowMs(),
     pg: pgCpu(),
     worker: procCpu(wpid).self,
-    mock: procCpu(MOCK_PID).self,
+    mock: procCpu(CUR.pid).self,
     workerWait: procSched(wpid).wait,
-    mockWait: procSched(MOCK_PID).wait,
+    mockWait: procSched(CUR.pid).wait,
     extra: extraPids.map((p) => { const c = procCpu(p); return c ? c.self : 0; }),
   };
 }
@@ -206,6 +269,66 @@ async function clearOutbox() {
   await db.query('TRUNCATE stripe_meter.outbox, stripe_meter.meter_events, stripe_meter.failed_events');
 }
 
+// Restart the cluster (for max_files_per_process), then reconnect.
+async function restartCluster() {
+  await db.end();
+  await run(path.join(PGBIN, 'pg_ctl'), ['-D', PGDATA, '-l', path.join(TMP, 'postgres.log'), '-m', 'fast', '-w', '-t', '120', 'restart']);
+  db = new Client({ database: DB });
+  await db.connect();
+  dbPid = (await sql('SELECT pg_backend_pid() AS p'))[0].p;
+}
+
+// The mock of a path, for the sections that do not involve the worker
+// (the ceiling, the SDK baseline): control calls and CPU go to it.
+function useMock(name) {
+  CUR = PATHS[name];
+  return CUR;
+}
+
+// Point the worker at a path: the mock's URL as api_url and stream_url by
+// reload (stripe_meter.ca_file names the run's CA throughout), and
+// max_files_per_process by a restart when it differs.  A new worker either way, so that it starts without the other
+// path's connections in its cache, as a worker does when it starts.
+async function usePath(name) {
+  const p = useMock(name);
+  if (curUrlsOf !== name || curMaxFiles !== p.maxFiles) {
+    const old = await workerPid();
+    await db.query(`ALTER SYSTEM SET stripe_meter.api_url = '${p.url}'`);
+    await db.query(`ALTER SYSTEM SET stripe_meter.stream_url = '${p.url}'`);
+    if (curMaxFiles !== p.maxFiles) {
+      if (p.maxFiles === null) await db.query('ALTER SYSTEM RESET max_files_per_process');
+      else await db.query(`ALTER SYSTEM SET max_files_per_process = ${Number(p.maxFiles)}`);
+      await restartCluster();
+      curMaxFiles = p.maxFiles;
+    } else {
+      await db.query('SELECT pg_reload_conf()');
+      await sleep(200);
+      await db.query('SELECT pg_terminate_backend($1)', [old]);
+      await workerPid(old);
+    }
+    curUrlsOf = name;
+  }
+  await workerPid();
+  const [mf] = await sql("SELECT setting, source FROM pg_settings WHERE name = 'max_files_per_process'");
+  curMaxFilesShown = { setting: Number(mf.setting), source: mf.source };
+  log(`   path ${p.label}: ${p.url}, max_files_per_process ${mf.setting} (${mf.source})`);
+  return p;
+}
+
+// What the mock saw of connections and protocols since its last reset.
+function connStats(s) {
+  return {
+    path: CUR.name, maxFiles: curMaxFilesShown,
+    connections: s.connections_with_requests, connectionsAccepted: s.connections_accepted,
+    connectionsH2: s.connections_h2, connectionsHttp1: s.connections_http1,
+    requests: s.requests, requestsH2: s.requests_h2, requestsHttp1: s.requests_http1,
+    maxStreamsPerConnection: s.max_streams_per_connection, mockMaxInFlight: s.max_in_flight,
+    // answers a retry got: a replay of the stored answer, or 409 while the
+    // first attempt still ran; requests the client gave up on
+    replays: s.replays, idempotencyConflicts: s.idempotency_conflicts, clientAborts: s.client_aborts,
+  };
+}
+
 // customers: 'many' spreads events over 10,000 customers, a number over that
 // many; 'skewed' gives 80 % of them to 8 customers (10 % each) and the rest
 // to 10,000 others.
@@ -238,8 +361,11 @@ async function timedDrain(n, timeoutS) {
   await setConf('stripe_meter.enabled', 'on');
   const deadline = nowMs() + timeoutS * 1000;
   let s;
+  let maxOpen = 0;
+  const sample = () => { maxOpen = Math.max(maxOpen, openConnections(wpid, CUR.port) || 0); };
   for (;;) {
     s = await mockStats();
+    sample();
     if (s.billed >= n) break;
     if (nowMs() > deadline) break;
     await sleep(100);
@@ -247,6 +373,7 @@ async function timedDrain(n, timeoutS) {
   let left;
   for (;;) {
     left = await outboxCount();
+    sample();
     if (left === 0 || nowMs() > deadline) break;
     await sleep(50);
   }
@@ -255,14 +382,18 @@ async function timedDrain(n, timeoutS) {
   s = await mockStats();
   const secs = (after.t - before.t) / 1000;
   const delivered = n - left;
+  // attempts the worker made for the delivered events (1 each without retries)
+  const [att] = await sql('SELECT count(*) AS n, COALESCE(sum(attempts), 0) AS a FROM stripe_meter.meter_events');
+  const [st] = await sql('SELECT last_error FROM stripe_meter.status');
   return {
     n, delivered, secs, evs: delivered / secs, complete: left === 0,
     pgCpu: after.pg - before.pg, workerCpu: after.worker - before.worker, mockCpu: after.mock - before.mock,
     workerWait: after.workerWait - before.workerWait, mockWait: after.mockWait - before.mockWait,
     concurrencyViolations: s.concurrency_violations, rateLimited: s.rate_limited, byStatus: s.by_status,
-    mockMaxInFlight: s.max_in_flight,
     streamRequests: s.stream_requests, streamEvents: s.stream_events, streamMaxBatch: s.stream_max_batch,
-    sessions: s.sessions_created,
+    sessions: s.sessions_created, attempts: Number(att.a), recorded: Number(att.n), lastError: st.last_error,
+    maxOpenConnections: maxOpen,
+    ...connStats(s),
   };
 }
 
@@ -347,27 +478,41 @@ async function plainMatchesOutbox() {
 
 // ---------------------------------------------------------------- 2. drain
 
+// the connections a case used, and the protocol the mock saw them speak
+function connLine(r) {
+  return `${fmt(r.connections)} connection(s)${r.maxOpenConnections !== undefined ? `, at most ${fmt(r.maxOpenConnections)} open at once` : ''} (h2 ${fmt(r.connectionsH2)}, http/1.1 ${fmt(r.connectionsHttp1)}; requests h2 ${fmt(r.requestsH2)}, http/1.1 ${fmt(r.requestsHttp1)}; up to ${fmt(r.maxStreamsPerConnection)} per connection)` +
+    (r.attempts !== undefined ? `, ${fmt(r.attempts - r.recorded)} retries` : '') +
+    `, replays ${fmt(r.replays)}, 409s ${fmt(r.idempotencyConflicts)}, client aborts ${fmt(r.clientAborts)}`;
+}
+
+// Both paths, the headline (TLS + HTTP/2 at the defaults) first.
+// BENCH_PATHS=h2 (or http1) measures one only, for development.
+const PATH_ORDER = (process.env.BENCH_PATHS || 'h2,http1').split(',').filter((p) => PATHS[p]);
+
 async function benchDrain() {
   log('2. drain throughput');
   const res = [];
-  for (const lat of P.latencies) {
+  for (const pathName of PATH_ORDER) {
+    await usePath(pathName);
+    for (const lat of P.latencies) {
+      await clearOutbox();
+      await mockReset(lat);
+      const fillS = await prefill(P.drainEvents, 'many');
+      log(`   ${pathName}: prefilled ${P.drainEvents} in ${fmt(fillS, 1)} s; draining at ${lat} ms`);
+      const r = await timedDrain(P.drainEvents, P.drainTimeout);
+      r.latency = lat; r.customers = 'many';
+      log(`   ${pathName} ${lat} ms: ${fmt(r.evs)} ev/s${r.complete ? '' : ' (timeout)'}, PG ${fmt(1e6 * r.pgCpu / r.delivered, 1)} us/ev, ${connLine(r)}`);
+      res.push(r);
+    }
+    // skewed: at 0 ms only (at L ms the hot customers alone need 10 % * N * L / 1000 s)
     await clearOutbox();
-    await mockReset(lat);
-    const fillS = await prefill(P.drainEvents, 'many');
-    log(`   prefilled ${P.drainEvents} in ${fmt(fillS, 1)} s; draining at ${lat} ms`);
-    const r = await timedDrain(P.drainEvents, P.drainTimeout);
-    r.latency = lat; r.customers = 'many';
-    log(`   ${lat} ms: ${fmt(r.evs)} ev/s, PG ${fmt(1e6 * r.pgCpu / r.delivered, 1)} us/ev`);
+    await mockReset(0);
+    await prefill(P.skewEvents, 'skewed');
+    const r = await timedDrain(P.skewEvents, P.drainTimeout);
+    r.latency = 0; r.customers = 'skewed';
+    log(`   ${pathName} skewed 0 ms: ${fmt(r.evs)} ev/s, ${connLine(r)}`);
     res.push(r);
   }
-  // skewed: at 0 ms only (at L ms the hot customers alone need 10 % * N * L / 1000 s)
-  await clearOutbox();
-  await mockReset(0);
-  await prefill(P.skewEvents, 'skewed');
-  const r = await timedDrain(P.skewEvents, P.drainTimeout);
-  r.latency = 0; r.customers = 'skewed';
-  log(`   skewed 0 ms: ${fmt(r.evs)} ev/s`);
-  res.push(r);
   return res;
 }
 
@@ -418,12 +563,13 @@ async function skewWindow(n, latencyMs, timeoutS, windowS) {
     delivered: Number(c2.total), secs: (after.t - before.t) / 1000,
     pgCpu: after.pg - before.pg, workerCpu: after.worker - before.worker, mockCpu: after.mock - before.mock,
     concurrencyViolations: s.concurrency_violations, streamRequests: s.stream_requests, streamEvents: s.stream_events,
+    ...connStats(s),
   };
 }
 
 async function benchV2() {
   log('2b. drain throughput with API v2 (meter event streams)');
-  const res = { drain: [], skewWindow: null };
+  const res = { drain: [], skewWindows: [] };
   const cases = [
     { latency: 100, customers: 'many', n: P.v2Events },
     { latency: 100, customers: 1000, n: P.v2Events },
@@ -437,44 +583,93 @@ async function benchV2() {
     await mockReset(latency);
     return useApi('v2');
   };
-  for (const c of cases) {
-    const wpid = await fresh(c.latency);
-    const fillS = await prefill(c.n, c.customers);
-    log(`   prefilled ${c.n} (${c.customers} customers) in ${fmt(fillS, 1)} s; draining at ${c.latency} ms (worker ${wpid})`);
-    const r = await timedDrain(c.n, P.drainTimeout);
-    Object.assign(r, c);
-    if (r.streamEvents < r.delivered) throw new Error(`v2 drain: ${r.delivered} delivered but only ${r.streamEvents} through the stream`);
-    log(`   ${c.customers} ${c.latency} ms: ${fmt(r.evs)} ev/s${r.complete ? '' : ' (timeout)'}, ${fmt(r.streamEvents / r.streamRequests, 1)} ev/request, PG ${fmt(1e6 * r.pgCpu / r.delivered, 1)} us/ev, statuses ${JSON.stringify(r.byStatus)}`);
-    res.drain.push(r);
+  for (const pathName of PATH_ORDER) {
+    await usePath(pathName);
+    for (const c of cases) {
+      const wpid = await fresh(c.latency);
+      const fillS = await prefill(c.n, c.customers);
+      log(`   ${pathName}: prefilled ${c.n} (${c.customers} customers) in ${fmt(fillS, 1)} s; draining at ${c.latency} ms (worker ${wpid})`);
+      const r = await timedDrain(c.n, P.drainTimeout);
+      Object.assign(r, c);
+      if (r.streamEvents < r.delivered) throw new Error(`v2 drain: ${r.delivered} delivered but only ${r.streamEvents} through the stream`);
+      log(`   ${pathName} ${c.customers} ${c.latency} ms: ${fmt(r.evs)} ev/s${r.complete ? '' : ' (timeout)'}, ${fmt(r.streamEvents / r.streamRequests, 1)} ev/request, PG ${fmt(1e6 * r.pgCpu / r.delivered, 1)} us/ev, statuses ${JSON.stringify(r.byStatus)}, ${connLine(r)}`);
+      res.drain.push(r);
+    }
+    await fresh(100);
+    await prefill(P.skewEvents, 'skewed');
+    const w = await skewWindow(P.skewEvents, 100, P.skewWindowTimeout, P.skewHotWindow);
+    res.skewWindows.push(w);
+    log(`   ${pathName} skewed 100 ms: ${fmt(w.coldDone)} of ${fmt(w.cold)} other customers' events in ${fmt(w.coldSecs, 1)} s; then hot ${fmt(w.hotEvs)} ev/s (bound ${fmt(w.hotBound)})`);
+    await clearOutbox();
+    await useApi('v1');
   }
-  await fresh(100);
-  await prefill(P.skewEvents, 'skewed');
-  const w = res.skewWindow = await skewWindow(P.skewEvents, 100, P.skewWindowTimeout, P.skewHotWindow);
-  log(`   skewed 100 ms: ${fmt(w.coldDone)} of ${fmt(w.cold)} other customers' events in ${fmt(w.coldSecs, 1)} s; then hot ${fmt(w.hotEvs)} ev/s (bound ${fmt(w.hotBound)})`);
-  await clearOutbox();
-  await useApi('v1');
   return res;
 }
 
 // ---------------------------------------------------------------- 3b. mock ceiling
 
 async function benchWrk() {
-  log('3b. mock ceiling (wrk)');
+  log('3b. mock ceiling on plain HTTP/1.1 (wrk)');
+  useMock('http1');
   const res = [];
   for (const c of P.wrkConns) {
     await mockReset(0);
-    const before = { t: nowMs(), mock: procCpu(MOCK_PID).self, s: await mockStats() };
+    const before = { t: nowMs(), mock: procCpu(CUR.pid).self, s: await mockStats() };
     const out = await run('wrk', ['-t', '2', '-c', String(c), '-d', `${P.wrkSeconds}s`, '--latency',
       '-s', path.join(BENCH_DIR, 'lib', 'wrk-meter-events.lua'), `http://127.0.0.1:${MOCK_PORT}`, '--', `c${c}`]);
-    const after = { t: nowMs(), mock: procCpu(MOCK_PID).self, s: await mockStats() };
+    const after = { t: nowMs(), mock: procCpu(CUR.pid).self, s: await mockStats() };
     const billed = after.s.billed - before.s.billed;
     const m = /Requests\/sec:\s+([\d.]+)/.exec(out);
     const r = {
+      ...connStats(after.s),
       conns: c, reqPerS: Number(m[1]), billed, requests: after.s.requests - before.s.requests,
       mockCpu: after.mock - before.mock,
     };
     r.billedPerS = r.reqPerS * (billed / Math.max(1, r.requests));
     log(`   wrk -c ${c}: ${fmt(r.reqPerS)} req/s, ${billed} billed of ${r.requests}`);
+    res.push(r);
+  }
+  return res;
+}
+
+// The mock's ceiling on the TLS + HTTP/2 path.  wrk speaks HTTP/1.1 only;
+// h2load (nghttp2) speaks h2 and sends one fixed body, so the body is the
+// wrk script's without the identifier (the mock, as Stripe, makes one per
+// request) and there is no Idempotency-Key (a fixed one would make every
+// request after the first a replay).  One customer: at latency 0 the mock
+// decides each request before it reads the next, so the one-call-per-
+// customer rule never answers 429 (checked: concurrency_violations).
+async function benchH2load() {
+  log('3b. mock ceiling on TLS + HTTP/2 (h2load)');
+  useMock('h2');
+  const body = path.join(TMP, 'h2load-meter-event.form');
+  fs.writeFileSync(body, 'event_name=bench_api&payload[stripe_customer_id]=cus_h2load&payload[value]=1' +
+    `&timestamp=${Math.floor(Date.now() / 1000)}`);
+  const res = [];
+  for (const c of P.h2loadCases) {
+    await mockReset(0);
+    const before = { t: nowMs(), mock: procCpu(CUR.pid).self, s: await mockStats() };
+    const out = await run('h2load', ['-c', String(c.clients), '-t', String(Math.min(2, c.clients)), '-m', String(c.streams),
+      '-D', String(P.h2loadSeconds), '--warm-up-time', String(P.h2loadWarm), '-d', body,
+      '-H', 'Authorization: Bearer sk_test_benchMockKey0000',
+      '-H', 'Content-Type: application/x-www-form-urlencoded',
+      '-H', 'Stripe-Version: 2026-09-30.endive',
+      `https://127.0.0.1:${process.env.TLS_MOCK_PORT}/v1/billing/meter_events`]);
+    const after = { t: nowMs(), mock: procCpu(CUR.pid).self, s: await mockStats() };
+    const m = /finished in ([\d.]+)s, ([\d.]+) req\/s/.exec(out);
+    const done = /requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed/.exec(out);
+    const proto = (/Application protocol: (\S+)/.exec(out) || [])[1] || null;
+    const billed = after.s.billed - before.s.billed;
+    const r = {
+      ...connStats(after.s),
+      clients: c.clients, streams: c.streams, protocol: proto,
+      reqPerS: m ? Number(m[2]) : null, succeeded: done ? Number(done[4]) : null, failed: done ? Number(done[5]) : null,
+      billed, requests: after.s.requests - before.s.requests, mockCpu: after.mock - before.mock,
+      concurrencyViolations: after.s.concurrency_violations,
+    };
+    r.billedPerS = r.reqPerS * (billed / Math.max(1, r.requests));
+    log(`   h2load -c ${c.clients} -m ${c.streams}: ${fmt(r.reqPerS)} req/s (${proto}), ${billed} billed of ${r.requests}, ${r.failed} failed, 429s ${r.concurrencyViolations}, ${connLine(r)}`);
+    if (proto !== 'h2') throw new Error(`h2load did not speak h2 to the TLS mock (${proto})`);
     res.push(r);
   }
   return res;
@@ -491,7 +686,9 @@ async function benchSdk() {
     CREATE TABLE bench_sdk_delivered (identifier text PRIMARY KEY, event_name text NOT NULL,
       payload jsonb NOT NULL, meter_event jsonb NOT NULL, delivered_at timestamptz NOT NULL DEFAULT now())`);
   const res = [];
-  for (const lat of P.latencies) {
+  for (const pathName of PATH_ORDER) for (const lat of P.latencies) {
+    // the SDK's own mock; the worker is not involved (and stays disabled)
+    const mp = useMock(pathName);
     for (const c of P.sdkConcurrency) {
       // enough rows for the run, capped at the drain size
       const rows = Math.min(P.drainEvents, Math.ceil(c * (1000 / Math.max(lat, 0.2)) * P.sdkSeconds * 1.2) + 1000);
@@ -503,8 +700,12 @@ async function benchSdk() {
       await mockReset(lat);
       let child;
       const wpid = await workerPid();
+      // over TLS the SDK trusts the run's CA as Node is told to, through
+      // NODE_EXTRA_CA_CERTS; it speaks HTTP/1.1 (Node's https)
+      const env = { ...process.env, PGDATABASE: DB, MOCK_URL: mp.url };
+      if (mp.name === 'h2') env.NODE_EXTRA_CA_CERTS = CA_FILE;
       const p = run('node', [path.join(__dirname, 'sdk-worker.js'), String(c), String(P.sdkSeconds)],
-        { env: { ...process.env, PGDATABASE: DB }, onSpawn: (ch) => { child = ch; } });
+        { env, onSpawn: (ch) => { child = ch; } });
       const before = cpuSnap(wpid, [child.pid]);
       // the child's CPU is read while it still exists: poll until it exits
       let last = before;
@@ -520,12 +721,13 @@ async function benchSdk() {
       const after = cpuSnap(wpid, [child.pid]);
       const st = await mockStats();
       const r = {
-        latency: lat, concurrency: c, delivered: out.delivered, errors: out.errors, secs: out.seconds,
+        path: pathName, latency: lat, concurrency: c, delivered: out.delivered, errors: out.errors, secs: out.seconds,
         evs: out.delivered / out.seconds, nodeCpu: last.extra[0] - before.extra[0],
         pgCpu: after.pg - before.pg, mockCpu: after.mock - before.mock,
-        concurrencyViolations: st.concurrency_violations,
+        concurrencyViolations: st.concurrency_violations, ...connStats(st),
       };
-      log(`   sdk ${lat} ms c=${c}: ${fmt(r.evs)} ev/s, ${out.errors} errors`);
+      log(`   sdk ${pathName} ${lat} ms c=${c}: ${fmt(r.evs)} ev/s, ${out.errors} errors${out.firstError ? ` (first: ${out.firstError})` : ''}, ${connLine(r)}`);
+      if (out.errors && !out.delivered) throw new Error(`the SDK worker delivered nothing over ${mp.label}: ${out.firstError}`);
       res.push(r);
     }
   }
@@ -565,7 +767,8 @@ async function probeLatency(tag, count, gapMs) {
 }
 
 async function benchLatency() {
-  log('4. latency commit -> arrival');
+  log('4. latency commit -> arrival (plain HTTP/1.1)');
+  await usePath('http1');
   await clearOutbox();
   await mockReset(0);
   await setConf('stripe_meter.enabled', 'on');
@@ -704,7 +907,8 @@ async function fairCase(api) {
 }
 
 async function benchFairness() {
-  log(`4b. fairness: ${P.fairCold} cold customers behind one customer's ${P.fairHot}-event backlog at ${FAIR_LATENCY} ms`);
+  log(`4b. fairness: ${P.fairCold} cold customers behind one customer's ${P.fairHot}-event backlog at ${FAIR_LATENCY} ms (plain HTTP/1.1)`);
+  await usePath('http1');
   const cases = [];
   for (const api of ['v1', 'v2']) cases.push(await fairCase(api));
   return { latency: FAIR_LATENCY, boundMs: FAIR_BOUND_MS, gapMs: FAIR_GAP_MS, cases };
@@ -717,7 +921,8 @@ async function benchFairness() {
 // on a slow machine (a backlog then builds up and drains afterwards)
 async function benchMemory(rate) {
   if (rate) rate = Math.max(rate, P.memEvents / P.memProduceSeconds);
-  log(`5. memory and bloat over ${P.memEvents} events, offered at ${rate ? fmt(rate) + ' events/s' : 'full speed'}`);
+  log(`5. memory and bloat over ${P.memEvents} events, offered at ${rate ? fmt(rate) + ' events/s' : 'full speed'} (plain HTTP/1.1)`);
+  await usePath('http1');
   await clearOutbox();
   await db.query('VACUUM stripe_meter.outbox');
   await mockReset(0);
@@ -777,7 +982,8 @@ async function benchMemory(rate) {
 // ---------------------------------------------------------------- 6. scaling
 
 async function benchScaling() {
-  log('6. scaling with max_in_flight at 100 ms');
+  log('6. scaling with max_in_flight at 100 ms (plain HTTP/1.1)');
+  await usePath('http1');
   await clearOutbox();
   await mockReset(100);
   let need = 0;
@@ -1112,11 +1318,12 @@ function report(R) {
   // BENCH_ONLY=drain,latency,... runs some sections only (for development):
   // it prints their figures and leaves RESULTS.md alone
   const only = process.env.BENCH_ONLY ? process.env.BENCH_ONLY.split(',') : null;
-  const sections = [['enqueue', benchEnqueue], ['wrk', benchWrk], ['drain', benchDrain], ['v2', benchV2], ['sdk', benchSdk],
+  const sections = [['enqueue', benchEnqueue], ['wrk', benchWrk], ['h2load', benchH2load], ['drain', benchDrain], ['v2', benchV2],
+    ['sdk', benchSdk],
     ['latency', benchLatency], ['fairness', benchFairness], ['scaling', benchScaling],
     // steady state: the producer offers half the measured 0 ms drain rate (the producer shares the CPU), so the outbox
     // should stay small if delivery and autovacuum keep up
-    ['memory', () => benchMemory(R.drain ? 0.5 * R.drain.find((r) => r.latency === 0).evs : null)]];
+    ['memory', () => benchMemory(R.drain ? 0.5 * R.drain.find((r) => r.latency === 0 && r.customers === 'many' && (r.path || 'http1') === 'http1').evs : null)]];
   R.seconds = {};
   for (const [name, fn] of sections) {
     if (only && !only.includes(name)) continue;
