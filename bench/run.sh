@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # The stripe_meter benchmark: one command, on a fresh Debian 12 machine.
 #
-#   bash bench/run.sh            # full run (about 25 minutes; stopped after 60)
-#   bash bench/run.sh --quick    # smoke run with small counts (about 5 minutes; stopped after 20)
+#   bash bench/run.sh            # full run (about 40 minutes; stopped after 90)
+#   bash bench/run.sh --quick    # smoke run with small counts (about 8 minutes; stopped after 30)
 #
 # Installs what it needs (PostgreSQL 15 and build tools through
-# scripts/install-deps.sh; wrk, gnuplot and npm through apt; the official
-# `stripe` Node SDK and `pg` through npm into bench/node/), builds the
-# extension, installs it into a private relocated copy of the PostgreSQL
-# installation (never the system one), starts a private cluster and the
-# project's Stripe mock, measures, and writes bench/RESULTS.md and
-# bench/scaling.png.  See bench/README.md for what is measured.
+# scripts/install-deps.sh; wrk, h2load (nghttp2-client), openssl, gnuplot
+# and npm through apt; the official `stripe` Node SDK and `pg` through npm
+# into bench/node/), builds the extension, installs it into a private
+# relocated copy of the PostgreSQL installation (never the system one),
+# starts a private cluster and the project's Stripe mock (plain HTTP/1.1,
+# and TLS + HTTP/2 with a test CA made for the run), measures, and writes
+# bench/RESULTS.md and bench/scaling.png.  See bench/README.md for what is
+# measured.
 #
 # PostgreSQL refuses to run as root, so when run as root the benchmark runs
 # as an unprivileged user (stripe_meter_bench) in a copy of the source tree,
 # and the results are copied back.
 #
 # Environment: PRIVATE_PG (default /tmp/stripe_meter-bench-pg) is where the
-# private server copy lives; BENCH_KEEP=1 keeps the work directory.
+# private server copy lives; BENCH_KEEP=1 keeps the work directory;
+# BENCH_ONLY=drain,h2load,... runs some sections and prints their figures
+# as JSON, leaving RESULTS.md alone (bench/README.md).
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -25,7 +29,7 @@ mode=full
 for a in "$@"; do
 	case "$a" in
 		--quick) mode=quick ;;
-		-h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+		-h|--help) sed -n '2,24p' "$0"; exit 0 ;;
 		*) echo "run.sh: unknown argument $a (use --quick)" >&2; exit 2 ;;
 	esac
 done
@@ -36,6 +40,8 @@ bash "$src/scripts/install-deps.sh"
 pg_select
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v gnuplot >/dev/null 2>&1 || need+=(gnuplot-nox)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 [ -x "$PG_BINDIR/pgbench" ] || need+=("postgresql-$PG_MAJOR")

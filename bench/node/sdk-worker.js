@@ -7,19 +7,23 @@
 // row is retried later.
 //
 // Usage: node sdk-worker.js CONCURRENCY MAX_SECONDS
-// Env: PGHOST/PGUSER/PGDATABASE (libpq style), MOCK_PORT.  The tables are
-// bench_sdk_outbox and bench_sdk_delivered (bench.js creates them).
-// Prints one JSON line: {"delivered":N,"errors":N,"seconds":S}.
+// Env: PGHOST/PGUSER/PGDATABASE (libpq style), MOCK_URL (http://HOST:PORT,
+// or https://HOST:PORT with the CA in NODE_EXTRA_CA_CERTS).  The SDK's
+// client is Node's http/https: HTTP/1.1, keep-alive connections, one request
+// at a time on each.  The tables are bench_sdk_outbox and bench_sdk_delivered
+// (bench.js creates them).
+// Prints one JSON line: {"delivered":N,"errors":N,"seconds":S,"firstError":...}.
 const { Pool } = require('pg');
 const Stripe = require('stripe');
 
 const concurrency = parseInt(process.argv[2], 10);
 const maxSeconds = parseFloat(process.argv[3]);
 
+const url = new URL(process.env.MOCK_URL);
 const stripe = new Stripe('sk_test_benchMockKey0000', {
-  host: '127.0.0.1',
-  port: Number(process.env.MOCK_PORT),
-  protocol: 'http',
+  host: url.hostname,
+  port: Number(url.port),
+  protocol: url.protocol.replace(/:$/, ''),
   maxNetworkRetries: 2,
   timeout: 30000,
 });
@@ -27,6 +31,7 @@ const pool = new Pool({ max: concurrency });
 
 let delivered = 0;
 let errors = 0;
+let firstError = null;
 let stop = false;
 const started = performance.now();
 setTimeout(() => { stop = true; }, maxSeconds * 1000).unref();
@@ -59,6 +64,7 @@ async function lane() {
         delivered++;
       } catch (e) {
         errors++;
+        if (firstError === null) firstError = String(e && e.message);
         await db.query('ROLLBACK');
       }
     }
@@ -71,5 +77,5 @@ async function lane() {
   await Promise.all(Array.from({ length: concurrency }, lane));
   const seconds = (performance.now() - started) / 1000;
   await pool.end();
-  process.stdout.write(JSON.stringify({ delivered, errors, seconds }) + '\n');
+  process.stdout.write(JSON.stringify({ delivered, errors, seconds, firstError }) + '\n');
 })().catch((e) => { console.error(e); process.exit(1); });
