@@ -55,6 +55,6 @@ if [ $status -eq 0 ] && summary="$(bash "$src/scripts/suite-summary.sh" "$log")"
 	rm -rf --one-file-system "$root"
 	exit 0
 fi
-echo "PostgreSQL 15: FAILED in a fresh Debian 12 root (exit $status): $(bash "$src/scripts/suite-summary.sh" "$log" || true); after $((secs / 60)) min $((secs % 60)) s; end of $log:"
-tail -n 150 "$log" | sed 's/^/    /'
+echo "PostgreSQL 15: FAILED in a fresh Debian 12 root (exit $status): $(bash "$src/scripts/suite-summary.sh" "$log" || true); after $((secs / 60)) min $((secs % 60)) s; what failed, from $log:"
+bash "$src/scripts/suite-failure.sh" "$log" | sed 's/^/    /'
 exit 1

@@ -63,8 +63,8 @@ for major in "${majors[@]}"; do
 		echo "PostgreSQL $major: passed: $summary; $((secs / 60)) min $((secs % 60)) s"
 	else
 		failed=1
-		echo "PostgreSQL $major: FAILED (exit $status): $(bash "$src/scripts/suite-summary.sh" "$log" || true); after $((secs / 60)) min $((secs % 60)) s; end of $log:"
-		tail -n 150 "$log" | sed 's/^/    /'
+		echo "PostgreSQL $major: FAILED (exit $status): $(bash "$src/scripts/suite-summary.sh" "$log" || true); after $((secs / 60)) min $((secs % 60)) s; what failed, from $log:"
+		bash "$src/scripts/suite-failure.sh" "$log" | sed 's/^/    /'
 	fi
 done
 exit $failed
