@@ -62,10 +62,27 @@
 #define MAX_WAIT_EVENTS		64
 #define MAX_SOCKET_EVENTS	256
 
+/*
+ * A request's own header lines, which it links in front of the shared ones
+ * (see shared_headers): room for Stripe's longest values (an
+ * Idempotency-Key, a Stripe-Account or Stripe-Context, a session token).
+ */
+#define HEADER_LINE_BYTES	512
+
+typedef enum RequestHeader
+{
+	HDR_AUTHORIZATION,			/* a session token's; else the shared key line */
+	HDR_IDEMPOTENCY_KEY,
+	HDR_ACCOUNT,
+	HDR_CONTENT_TYPE,
+	NUM_REQUEST_HEADERS
+} RequestHeader;
+
 typedef struct StripeRequest
 {
 	CURL	   *easy;
-	struct curl_slist *headers;
+	struct curl_slist header_nodes[NUM_REQUEST_HEADERS];
+	char		header_lines[NUM_REQUEST_HEADERS][HEADER_LINE_BYTES];
 	void	   *owner;
 	StringInfoData response;
 	bool		truncated;
@@ -113,14 +130,45 @@ static int	lifecycle_in_flight = 0;	/* other calls */
 static StripeRequest *free_requests = NULL;
 static char *user_agent = NULL;
 
+/*
+ * The header lines every request carries, built once and again when the key
+ * or the pinned version changes: Authorization with the API key,
+ * Stripe-Version, Accept, and an empty Expect (no 100-continue round trip).
+ * libcurl only reads a header list, so requests link their own lines in
+ * front of these and nothing is allocated per request.
+ */
+#define NUM_SHARED_HEADERS	4
+static struct curl_slist shared_nodes[NUM_SHARED_HEADERS];
+static char shared_key_line[HEADER_LINE_BYTES];
+static char shared_version_line[128];
+static char *shared_for_key = NULL; /* what they were built from */
+static char *shared_for_version = NULL;
+
 /* The https URL whose server answered in HTTP/1.x: nothing to multiplex. */
 static char *url_without_h2 = NULL;
 
 #define H2_CONNECTIONS		8	/* connections when requests multiplex */
 
+/* wipe the shared lines: the Authorization line holds the key */
+static void
+forget_shared_headers(void)
+{
+	explicit_bzero(shared_key_line, sizeof(shared_key_line));
+	if (shared_for_key != NULL)
+	{
+		explicit_bzero(shared_for_key, strlen(shared_for_key));
+		pfree(shared_for_key);
+	}
+	if (shared_for_version != NULL)
+		pfree(shared_for_version);
+	shared_for_key = NULL;
+	shared_for_version = NULL;
+}
+
 static void
 client_exit(int code, Datum arg)
 {
+	forget_shared_headers();
 	if (multi != NULL)
 		curl_multi_cleanup(multi);
 	multi = NULL;
@@ -438,7 +486,6 @@ take_request(void)
 					(errcode(ERRCODE_OUT_OF_MEMORY),
 					 errmsg("could not create an HTTP request")));
 	}
-	req->headers = NULL;
 	req->owner = NULL;
 	req->done = NULL;
 	req->lifecycle = false;
@@ -454,9 +501,8 @@ take_request(void)
 static void
 give_back_request(StripeRequest *req)
 {
-	if (req->headers)
-		curl_slist_free_all(req->headers);	/* holds the key: free at once */
-	req->headers = NULL;
+	/* a session token may be in it */
+	explicit_bzero(req->header_lines[HDR_AUTHORIZATION], HEADER_LINE_BYTES);
 	/* keep memory flat: do not keep an unusually large buffer around */
 	if (req->response.maxlen > 64 * 1024)
 	{
@@ -470,24 +516,89 @@ give_back_request(StripeRequest *req)
 }
 
 /*
- * add_header
- *		Append one header line (fmt with one %s) to a curl list; the
- *		formatted line, which may hold the key, is wiped from the stack.
+ * header_line
+ *		Format one header line (fmt with one %s) into buf, refusing a value
+ *		that does not fit rather than sending it cut short.
+ */
+static char *
+header_line(char *buf, size_t size, const char *fmt, const char *value)
+{
+	if (snprintf(buf, size, fmt, value) >= (int) size)
+	{
+		explicit_bzero(buf, size);
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("an HTTP header for Stripe is longer than %d bytes", (int) size - 1)));
+	}
+	return buf;
+}
+
+/* the shared header lines, rebuilt when the key or the version changed */
+static struct curl_slist *
+shared_headers(void)
+{
+	const char *key = stripe_meter_api_key ? stripe_meter_api_key : "";
+	const char *version = stripe_meter_stripe_version ? stripe_meter_stripe_version : "";
+	int			i;
+
+	if (shared_for_key != NULL && strcmp(shared_for_key, key) == 0 &&
+		strcmp(shared_for_version, version) == 0)
+		return &shared_nodes[0];
+
+	forget_shared_headers();
+	header_line(shared_key_line, sizeof(shared_key_line), "Authorization: Bearer %s", key);
+	header_line(shared_version_line, sizeof(shared_version_line), "Stripe-Version: %s", version);
+	shared_nodes[0].data = shared_key_line;
+	shared_nodes[1].data = shared_version_line;
+	shared_nodes[2].data = "Accept: application/json";
+	shared_nodes[3].data = "Expect:";
+	for (i = 0; i < NUM_SHARED_HEADERS; i++)
+		shared_nodes[i].next = (i + 1 < NUM_SHARED_HEADERS) ? &shared_nodes[i + 1] : NULL;
+	shared_for_key = MemoryContextStrdup(TopMemoryContext, key);
+	shared_for_version = MemoryContextStrdup(TopMemoryContext, version);
+	return &shared_nodes[0];
+}
+
+/* link one of req's own lines in front of list */
+static struct curl_slist *
+push_header(StripeRequest *req, RequestHeader which, struct curl_slist *list,
+			const char *fmt, const char *value)
+{
+	struct curl_slist *node = &req->header_nodes[which];
+
+	node->data = header_line(req->header_lines[which], HEADER_LINE_BYTES, fmt, value);
+	node->next = list;
+	return node;
+}
+
+/*
+ * request_headers
+ *		The header list for a request: its own lines, then the shared ones
+ *		(whose Authorization line a session token's replaces).
  */
 static struct curl_slist *
-add_header(struct curl_slist *list, const char *fmt, const char *value)
+request_headers(StripeRequest *req, const StripeRequestSpec *spec)
 {
-	char		line[512];
-	struct curl_slist *added;
+	struct curl_slist *list = shared_headers();
 
-	snprintf(line, sizeof(line), fmt, value);
-	added = curl_slist_append(list, line);
-	explicit_bzero(line, sizeof(line));
-	if (added == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory")));
-	return added;
+	if (spec->bearer != NULL)
+	{
+		/* the token's line takes the key line's place */
+		list = push_header(req, HDR_AUTHORIZATION, list->next,
+						   "Authorization: Bearer %s", spec->bearer);
+	}
+	if (spec->idempotency_key != NULL)
+		list = push_header(req, HDR_IDEMPOTENCY_KEY, list,
+						   "Idempotency-Key: %s", spec->idempotency_key);
+	if (spec->stripe_account != NULL)
+		list = push_header(req, HDR_ACCOUNT, list,
+						   spec->stripe_context ? "Stripe-Context: %s" : "Stripe-Account: %s",
+						   spec->stripe_account);
+	if (spec->body != NULL)
+		list = push_header(req, HDR_CONTENT_TYPE, list, "Content-Type: %s",
+						   spec->content_type ? spec->content_type :
+						   "application/x-www-form-urlencoded");
+	return list;
 }
 
 /*
@@ -555,27 +666,14 @@ prepare_request(StripeRequest *req, const StripeRequestSpec *spec)
 	CURL	   *e = req->easy;
 	char	   *url = psprintf("%s%s", spec->base_url, spec->path);
 	bool		get = spec->body == NULL;
+	struct curl_slist *headers;
 
 	req->owner = spec->owner;
 	req->done = spec->done;
 	req->lifecycle = spec->lifecycle;
 	req->with_account = (spec->stripe_account != NULL);
 	req->max_response = get ? MAX_LIST_BYTES : MAX_RESPONSE_BYTES;
-	req->headers = add_header(NULL, "Authorization: Bearer %s",
-							  spec->bearer ? spec->bearer : stripe_meter_api_key);
-	req->headers = add_header(req->headers, "Stripe-Version: %s", stripe_meter_stripe_version);
-	if (spec->idempotency_key != NULL)
-		req->headers = add_header(req->headers, "Idempotency-Key: %s", spec->idempotency_key);
-	if (spec->stripe_account != NULL)
-		req->headers = add_header(req->headers,
-								  spec->stripe_context ? "Stripe-Context: %s" : "Stripe-Account: %s",
-								  spec->stripe_account);
-	req->headers = add_header(req->headers, "Accept: %s", "application/json");
-	if (!get)
-		req->headers = add_header(req->headers, "Content-Type: %s",
-								  spec->content_type ? spec->content_type :
-								  "application/x-www-form-urlencoded");
-	req->headers = add_header(req->headers, "Expect:%s", "");
+	headers = request_headers(req, spec);
 
 	set_transport(e, url);
 	if (get)
@@ -586,7 +684,7 @@ prepare_request(StripeRequest *req, const StripeRequestSpec *spec)
 		curl_easy_setopt(e, CURLOPT_POSTFIELDS, spec->body);
 		curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, (long) strlen(spec->body));
 	}
-	curl_easy_setopt(e, CURLOPT_HTTPHEADER, req->headers);
+	curl_easy_setopt(e, CURLOPT_HTTPHEADER, headers);
 	curl_easy_setopt(e, CURLOPT_USERAGENT, user_agent);
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_callback);
 	curl_easy_setopt(e, CURLOPT_WRITEDATA, req);
