@@ -23,6 +23,7 @@ OBJS = \
 	src/scheduler.o \
 	src/v1_sender.o \
 	src/pauses.o \
+	src/unreachable.o \
 	src/delivery_store.o \
 	src/store_counters.o \
 	src/delivery_policy.o \

@@ -73,6 +73,8 @@ static bool claim_exhausted = false;	/* last claim found fewer than asked */
 static TimestampTz next_poll_at = 0;
 static bool ready_now = true;	/* claim at once: woken, or just started */
 static long send_wait = -1;		/* from the last send: when a token comes */
+static bool drop_unsent = false;	/* Stripe stopped answering: end the
+									 * requests not yet on the wire */
 
 static inline void
 queue_push(dclist_head *q, ClaimedEvent *e)
@@ -130,6 +132,17 @@ claim_room(uint64 key, bool more)
 	return room;
 }
 
+/* e was to be the probe while Stripe does not answer, but did not go out */
+static void
+reach_probe_unsent(ClaimedEvent *e)
+{
+	if (e->reach_probe)
+	{
+		UnreachableProbeUnsent();
+		e->reach_probe = false;
+	}
+}
+
 /* e is done with (its outcome known, or never sent): to be recorded */
 static void
 finish_event(ClaimedEvent *e)
@@ -141,6 +154,7 @@ finish_event(ClaimedEvent *e)
 		PauseAccountProbeEnded(e->stripe_account);
 		e->probe = false;
 	}
+	reach_probe_unsent(e);
 	if (bk != NULL && --bk->held <= 0)
 	{
 		/* its key has more due: claim them soon, not at the next poll */
@@ -180,6 +194,13 @@ settle_event(ClaimedEvent *e)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
+	if (e->sent && e->outcome.verdict != VERDICT_RELEASE)
+	{
+		if (UnreachableNoteAttempt(e->outcome.http_status != 0, e->reach_probe,
+								   e->outcome.reason))
+			drop_unsent = true;
+		e->reach_probe = false;
+	}
 	RateLimiterAnswer(e->stripe_account, e->outcome.rate_limited);
 	if (e->outcome.verdict == VERDICT_PAUSE)
 	{
@@ -242,6 +263,9 @@ settle_event(ClaimedEvent *e)
 static void
 requeue_event(ClaimedEvent *e)
 {
+	/* Stripe answered, though it did not take the event */
+	(void) UnreachableNoteAttempt(true, e->reach_probe, NULL);
+	e->reach_probe = false;
 	release_busy_key(e->busy_key);
 	queue_push_front(&ready, e);
 }
@@ -343,10 +367,22 @@ start_requests(void)
 	while (!full && !dclist_is_empty(&ready) && PauseReason() == NULL &&
 		   sender->has_room())
 	{
-		ClaimedEvent *e = queue_pop(&ready);
+		ClaimedEvent *e;
 		BusyKey    *bk;
 		TimestampTz not_before;
 		long		account_wait;
+		bool		reach_probe;
+		long		probe_wait;
+
+		/* while Stripe does not answer, only its probe goes out */
+		if (!UnreachableMaySend(now, &reach_probe, &probe_wait))
+		{
+			if (probe_wait >= 0 && (wait_ms < 0 || probe_wait < wait_ms))
+				wait_ms = probe_wait;
+			break;
+		}
+		e = queue_pop(&ready);
+		e->reach_probe = reach_probe;
 
 		/*
 		 * A sender that sends at once gets no event that cannot go: failed
@@ -379,6 +415,7 @@ start_requests(void)
 		bk = busy_key_entry(e->busy_key);
 		if (bk->in_flight)
 		{
+			reach_probe_unsent(e);
 			queue_push(&bk->waiting, e);
 			continue;
 		}
@@ -392,6 +429,7 @@ start_requests(void)
 			case SENDER_DEFER:
 				/* its account must wait; others may still send */
 				bk->in_flight = false;
+				reach_probe_unsent(e);
 				queue_push(&deferred, e);
 				if (wait_ms < 0 || account_wait < wait_ms)
 					wait_ms = account_wait;
@@ -400,6 +438,7 @@ start_requests(void)
 				break;
 			case SENDER_FULL:
 				bk->in_flight = false;
+				reach_probe_unsent(e);
 				queue_push_front(&ready, e);
 				full = true;
 				break;
@@ -647,6 +686,12 @@ SchedulerCounts(int *nheld, int *nready)
 bool
 SchedulerTurn(TimestampTz now, bool draining)
 {
+	if (drop_unsent)
+	{
+		/* not from a done callback: this calls them */
+		drop_unsent = false;
+		(void) StripeClientDropUnsent("not sent: Stripe gave no answer to the requests before it, so one request at a time tries again");
+	}
 	if (PauseReason() != NULL)
 		release_unsent();
 	else if (!draining &&
@@ -705,7 +750,7 @@ SchedulerTimeout(StripeMeterWait *wait)
 			 StripeClientInFlight() < stripe_meter_max_in_flight)
 	{
 		timeout = send_wait;
-		*wait = SM_WAIT_RATE_LIMIT;
+		*wait = UnreachableProbing() ? SM_WAIT_UNREACHABLE : SM_WAIT_RATE_LIMIT;
 	}
 	else if (!claim_exhausted && !paused && held < hold_limit())
 	{

@@ -95,6 +95,7 @@ typedef struct StripeRequest
 	char		errbuf[CURL_ERROR_SIZE];
 	StripeDoneCallback done;	/* called once, with the answer */
 	struct StripeRequest *next_free;
+	dlist_node	in_flight_node; /* in requests_in_flight while on multi */
 } StripeRequest;
 
 typedef struct SocketEntry
@@ -128,6 +129,7 @@ static TimestampTz curl_deadline = 0;	/* 0: no timer */
 static int	in_flight = 0;			/* deliveries */
 static int	lifecycle_in_flight = 0;	/* other calls */
 static StripeRequest *free_requests = NULL;
+static dlist_head requests_in_flight = DLIST_STATIC_INIT(requests_in_flight);
 static char *user_agent = NULL;
 
 /*
@@ -781,6 +783,7 @@ StripeClientStartRequest(const StripeRequestSpec *spec)
 		lifecycle_in_flight++;
 	else
 		in_flight++;
+	dlist_push_tail(&requests_in_flight, &req->in_flight_node);
 	return true;
 }
 
@@ -960,6 +963,7 @@ drain_finished(void)
 		if (http.status != 0)
 			note_http_version(req);
 		curl_multi_remove_handle(multi, req->easy);
+		dlist_delete(&req->in_flight_node);
 		if (req->lifecycle)
 			lifecycle_in_flight--;
 		else
@@ -967,6 +971,54 @@ drain_finished(void)
 		req->done(req->owner, &http);
 		give_back_request(req);
 	}
+}
+
+/*
+ * StripeClientDropUnsent
+ *		End every delivery request that has sent nothing yet (waiting for a
+ *		connection, or in its TLS handshake), each through its done
+ *		callback with an answer that says why and that nothing reached
+ *		Stripe.  While Stripe does not answer, each of them would otherwise
+ *		try a connection of its own.  Returns how many.
+ */
+int
+StripeClientDropUnsent(const char *why)
+{
+	dlist_mutable_iter iter;
+	dlist_head	dropped;
+	int			n = 0;
+
+	/* take them all off the multi handle first: a callback may add more */
+	dlist_init(&dropped);
+	dlist_foreach_modify(iter, &requests_in_flight)
+	{
+		StripeRequest *req = dlist_container(StripeRequest, in_flight_node, iter.cur);
+		long		request_size = 0;
+
+		if (req->lifecycle)
+			continue;
+		curl_easy_getinfo(req->easy, CURLINFO_REQUEST_SIZE, &request_size);
+		if (request_size > 0)
+			continue;
+		curl_multi_remove_handle(multi, req->easy);
+		dlist_delete(&req->in_flight_node);
+		dlist_push_tail(&dropped, &req->in_flight_node);
+		in_flight--;
+	}
+	while (!dlist_is_empty(&dropped))
+	{
+		StripeRequest *req = dlist_container(StripeRequest, in_flight_node,
+											 dlist_pop_head_node(&dropped));
+		HttpResult	http;
+
+		memset(&http, 0, sizeof(http));
+		http.transport_code = CURLE_ABORTED_BY_CALLBACK;
+		http.transport_error = why;
+		req->done(req->owner, &http);
+		give_back_request(req);
+		n++;
+	}
+	return n;
 }
 
 #ifdef USE_CURL_EPOLL

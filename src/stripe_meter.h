@@ -318,11 +318,19 @@ typedef struct ClaimedEvent
 	TimestampTz next_attempt_at;	/* retried or paused: due again then */
 	bool		sent;			/* handed to the network by this worker */
 	bool		probe;			/* the one trial of its paused account */
+	bool		reach_probe;	/* the one trial while Stripe does not answer */
 	bool		v2_solo;		/* v2: send in a request of its own */
 	bool		record_deferred;	/* its row was locked: record later */
 	DeliveryOutcome outcome;
 	dlist_node	node;			/* in one queue at a time */
 } ClaimedEvent;
+
+/* ---- in unreachable.c: one request at a time while Stripe does not answer ---- */
+extern bool UnreachableMaySend(TimestampTz now, bool *probe, long *wait_ms);
+extern void UnreachableProbeUnsent(void);
+extern bool UnreachableNoteAttempt(bool answered, bool probe, const char *reason);
+extern void UnreachableRetryNow(void);
+extern bool UnreachableProbing(void);
 
 /* ---- in pauses.c: delivery paused for the database or for one account ---- */
 extern void PauseInit(MemoryContext cxt,
@@ -591,6 +599,7 @@ typedef struct StripeRequestSpec
 /* in the worker: requests on one multi handle, and the wait that drives them */
 extern bool StripeClientStartRequest(const StripeRequestSpec *spec);
 extern int	StripeClientInFlight(void);
+extern int	StripeClientDropUnsent(const char *why);
 extern bool StripeClientWait(long timeout_ms, uint32 wait_event_info);
 extern void StripeClientSettingsChanged(void);
 extern HttpResult *StripeHttpResultCopy(const HttpResult *http);
@@ -666,7 +675,7 @@ typedef struct LifecycleAnswer
 } LifecycleAnswer;
 
 extern void LifecycleCallsInit(LifecycleCalls *calls, const char *name);
-extern bool LifecycleCallStart(LifecycleCalls *calls, StripeRequestSpec *spec, void *arg);
+extern bool LifecycleCallStart(LifecycleCalls *calls, const StripeRequestSpec *spec, void *arg);
 extern LifecycleAnswer *LifecycleCallNextAnswer(LifecycleCalls *calls);
 extern void LifecycleCallsEnd(LifecycleCalls *calls);
 extern void LifecycleWorkerRepair(void);
@@ -797,6 +806,7 @@ typedef enum StripeMeterWait
 	SM_WAIT_RECORD,				/* gathering answers into one record batch */
 	SM_WAIT_RATE_LIMIT,			/* the next rate-limit token */
 	SM_WAIT_PAUSED,				/* delivery paused */
+	SM_WAIT_UNREACHABLE,		/* Stripe does not answer: the next probe */
 	SM_WAIT_LAUNCHER,			/* the launcher, between scans */
 	SM_WAIT_COUNT
 } StripeMeterWait;

@@ -26,6 +26,7 @@ static const char *const wait_names[SM_WAIT_COUNT] = {
 	[SM_WAIT_RECORD] = "StripeMeterRecord",
 	[SM_WAIT_RATE_LIMIT] = "StripeMeterRateLimit",
 	[SM_WAIT_PAUSED] = "StripeMeterPaused",
+	[SM_WAIT_UNREACHABLE] = "StripeMeterUnreachable",
 	[SM_WAIT_LAUNCHER] = "StripeMeterLauncher",
 };
 

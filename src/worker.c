@@ -230,6 +230,7 @@ delivery_pass(void)
 		/* a reload is how a key or URL problem gets fixed: try again */
 		PauseForSettings();
 		PauseAccountsResumeAll();
+		UnreachableRetryNow();
 		SchedulerWake();
 		if (stripe_meter_api_version != sender->api_version && !api_switch_pending)
 		{
