@@ -82,18 +82,19 @@ call_done(void *owner, const HttpResult *http)
  *		false if the client refused it.
  */
 bool
-LifecycleCallStart(LifecycleCalls *calls, StripeRequestSpec *spec, void *arg)
+LifecycleCallStart(LifecycleCalls *calls, const StripeRequestSpec *spec, void *arg)
 {
 	LifecycleTicket *ticket = MemoryContextAlloc(calls->cxt, sizeof(LifecycleTicket));
+	StripeRequestSpec call = *spec;
 
 	ticket->calls = calls;
 	ticket->arg = arg;
-	spec->owner = ticket;
-	spec->done = call_done;
-	spec->lifecycle = true;
-	if (spec->base_url == NULL)
-		spec->base_url = stripe_meter_api_url;
-	if (!StripeClientStartRequest(spec))
+	call.owner = ticket;
+	call.done = call_done;
+	call.lifecycle = true;
+	if (call.base_url == NULL)
+		call.base_url = stripe_meter_api_url;
+	if (!StripeClientStartRequest(&call))
 		return false;
 	calls->in_flight++;
 	return true;

@@ -64,6 +64,30 @@ typedef struct ReadState
 	bool		numbers_ok;		/* every number fits jsonb's numeric */
 } ReadState;
 
+/* The string fields read, by container and key, and where each goes. */
+typedef struct StringField
+{
+	Container	in;
+	const char *key;
+	size_t		offset;			/* of its char * in StripeResponse */
+} StringField;
+
+static const StringField string_fields[] = {
+	{IN_TOP, "object", offsetof(StripeResponse, object)},
+	{IN_TOP, "id", offsetof(StripeResponse, id)},
+	{IN_TOP, "next_page_url", offsetof(StripeResponse, next_page_url)},
+	{IN_TOP, "authentication_token", offsetof(StripeResponse, authentication_token)},
+	{IN_TOP, "created", offsetof(StripeResponse, created)},
+	{IN_TOP, "expires_at", offsetof(StripeResponse, expires_at)},
+	{IN_ERROR, "type", offsetof(StripeResponse, error_type)},
+	{IN_ERROR, "code", offsetof(StripeResponse, error_code)},
+	{IN_ERROR, "message", offsetof(StripeResponse, error_message)},
+	{IN_ERROR, "param", offsetof(StripeResponse, error_param)},
+	{IN_ERROR, "decline_code", offsetof(StripeResponse, error_decline_code)},
+	{IN_ERROR, "doc_url", offsetof(StripeResponse, error_doc_url)},
+	{IN_ITEM, "id", offsetof(StripeResponse, data_last_id)},
+};
+
 /*
  * The slot for a string field of container c, or NULL when that key is
  * not read.
@@ -71,44 +95,11 @@ typedef struct ReadState
 static char **
 string_slot(StripeResponse *r, Container c, const char *key)
 {
-	switch (c)
-	{
-		case IN_TOP:
-			if (strcmp(key, "object") == 0)
-				return &r->object;
-			if (strcmp(key, "id") == 0)
-				return &r->id;
-			if (strcmp(key, "next_page_url") == 0)
-				return &r->next_page_url;
-			if (strcmp(key, "authentication_token") == 0)
-				return &r->authentication_token;
-			if (strcmp(key, "created") == 0)
-				return &r->created;
-			if (strcmp(key, "expires_at") == 0)
-				return &r->expires_at;
-			break;
-		case IN_ERROR:
-			if (strcmp(key, "type") == 0)
-				return &r->error_type;
-			if (strcmp(key, "code") == 0)
-				return &r->error_code;
-			if (strcmp(key, "message") == 0)
-				return &r->error_message;
-			if (strcmp(key, "param") == 0)
-				return &r->error_param;
-			if (strcmp(key, "decline_code") == 0)
-				return &r->error_decline_code;
-			if (strcmp(key, "doc_url") == 0)
-				return &r->error_doc_url;
-			break;
-		case IN_ITEM:
-			if (strcmp(key, "id") == 0)
-				return &r->data_last_id;
-			break;
-		case IN_OTHER:
-		case IN_DATA:
-			break;
-	}
+	int			i;
+
+	for (i = 0; i < lengthof(string_fields); i++)
+		if (string_fields[i].in == c && strcmp(string_fields[i].key, key) == 0)
+			return (char **) ((char *) r + string_fields[i].offset);
 	return NULL;
 }
 

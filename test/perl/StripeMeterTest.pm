@@ -32,7 +32,7 @@ use StripeMock;
 our @EXPORT = qw(
   $API_KEY $API_KEY_2
   start_mock new_node set_conf
-  wait_for wait_mock query_json
+  queue_events wait_for wait_mock query_json
   meter_requests requests_for form_pairs form_value
   worker_pids mock_events_for
   make_certificates
@@ -121,6 +121,31 @@ sub set_conf
 	$sql .= "ALTER SYSTEM SET $_ = " . _quote($set{$_}) . ";\n" for sort keys %set;
 	$sql .= "SELECT pg_reload_conf();\n";
 	$node->safe_psql('postgres', $sql);
+	return;
+}
+
+=head2 queue_events($node, $prefix, $n, %options)
+
+Records $n events through stripe_meter_event_create(), identified
+"$prefix-1" .. "$prefix-$n", each for its own customer ("cus_${prefix}1"
+...) unless customers => K spreads them over K customers.  Options: db
+(default postgres), event_name (default api_requests), value (an SQL
+expression of i, default 1), account (a Connect account for all of them).
+
+=cut
+
+sub queue_events
+{
+	my ($node, $prefix, $n, %o) = @_;
+	my $customer = defined $o{customers} ? "i % $o{customers}" : 'i';
+	my $event = $o{event_name} // 'api_requests';
+	my $value = $o{value} // '1';
+	my $account = defined $o{account} ? "'$o{account}'" : 'NULL';
+	$node->safe_psql($o{db} // 'postgres', qq{
+		SELECT stripe_meter_event_create('$event',
+			jsonb_build_object('stripe_customer_id', 'cus_$prefix' || $customer, 'value', $value),
+			'$prefix-' || i, NULL, $account)
+		  FROM generate_series(1, $n) i});
 	return;
 }
 

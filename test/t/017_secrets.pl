@@ -59,16 +59,8 @@ sub as_role
 	return "$out\n$err";
 }
 
-sub enqueue
-{
-	my ($prefix, $n) = @_;
-	$node->safe_psql('postgres', qq{
-		SELECT stripe_meter_event_create('api_requests',
-			jsonb_build_object('stripe_customer_id', 'cus_' || i, 'value', i), '$prefix-' || i)
-		  FROM generate_series(1, $n) i});
-}
 
-enqueue('first', 3);
+queue_events($node, 'first', 3, value => 'i');
 wait_for($node, q{SELECT count(*) FROM stripe_meter.meter_events}, '3', 'delivery works with the key');
 
 # --- what each role can see ----------------------------------------------------
@@ -159,13 +151,13 @@ sub exercise
 	# rotate through the configuration file, as an operator would
 	$node->append_conf('postgresql.conf', "stripe_meter.api_key = '$new_key'\n");
 	$node->reload;
-	enqueue("$phase-ok", 3);
+	queue_events($node, "$phase-ok", 3, value => 'i');
 	wait_for($node, qq{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE '$phase-ok-%'},
 		'3', "$phase: delivered with the rotated key");
 
 	# Stripe refuses the key: delivery pauses, the worker logs why
 	$mock->config({ auth_phase => '401' });
-	enqueue("$phase-401", 2);
+	queue_events($node, "$phase-401", 2, value => 'i');
 	wait_for($node, q{SELECT paused LIKE '%401%' FROM stripe_meter.status}, 't', "$phase: paused on 401");
 	$mock->config({ auth_phase => undef });
 

@@ -39,17 +39,9 @@ my $node;
 	$node = new_node('tls', mock => $tls);
 }
 
-sub enqueue
-{
-	my ($prefix, $n) = @_;
-	$node->safe_psql('postgres', qq{
-		SELECT stripe_meter_event_create('api_requests',
-			jsonb_build_object('stripe_customer_id', 'cus_' || i, 'value', i), '$prefix-' || i)
-		  FROM generate_series(1, $n) i});
-}
 
 # --- without the CA: refused ------------------------------------------------------
-enqueue('noca', 3);
+queue_events($node, 'noca', 3, value => 'i');
 wait_for($node, q{SELECT count(*) FROM stripe_meter.outbox
 	WHERE identifier LIKE 'noca-%' AND attempts > 0 AND last_error ILIKE '%certificate%'}, '3',
 	'without its CA the self-signed server is refused, for a certificate reason');
@@ -84,7 +76,7 @@ like($node->safe_psql('postgres', q{SELECT extra_desc FROM pg_settings WHERE nam
 # A certificate for another host, from the trusted CA: refused.
 my $wrong = StripeMock->new(tls_cert => "$dir/wrong.pem", tls_key => "$dir/wrong.key");
 set_conf($node, 'stripe_meter.api_url' => $wrong->url);
-enqueue('wronghost', 2);
+queue_events($node, 'wronghost', 2, value => 'i');
 wait_for($node, q{SELECT count(*) FROM stripe_meter.outbox
 	WHERE identifier LIKE 'wronghost-%' AND attempts > 0
 	  AND (last_error ILIKE '%certificate%' OR last_error ILIKE '%subject%name%')}, '2',
@@ -115,7 +107,7 @@ for my $url ('http://127.0.0.1:8080', 'http://127.255.0.9/', 'http://localhost:1
 # --- plain http to loopback bypasses the environment's proxy ------------------------------
 my $plain = start_mock();
 set_conf($node, 'stripe_meter.api_url' => $plain->url);
-enqueue('plain', 2);
+queue_events($node, 'plain', 2, value => 'i');
 wait_for($node, 'SELECT count(*) FROM stripe_meter.outbox', '0',
 	'plain http to loopback delivers (the wrong host\'s two events too)');
 is($plain->stats->{billed}, 4, 'straight to the server');

@@ -24,20 +24,10 @@ my $mock = StripeMock->new(%tls, config => { latency_ms => 300 });
 my $node = new_node('h2', mock => $mock, conf => { 'stripe_meter.ca_file' => "$dir/ca.pem" });
 
 # One event per customer, so that nothing but the window limits them.
-sub enqueue
-{
-	my ($node, $prefix, $n) = @_;
-	$node->safe_psql('postgres', qq{
-		INSERT INTO stripe_meter.outbox (event_name, payload, identifier)
-		SELECT 'api_requests',
-		       jsonb_build_object('stripe_customer_id', 'cus_${prefix}' || i, 'value', 1),
-		       '${prefix}-' || i
-		  FROM generate_series(1, $n) i});
-}
 
 # 1. The first requests wait for the first connection instead of opening
 #    one each.
-enqueue($node, 'first', 20);
+queue_events($node, 'first', 20);
 wait_for($node, q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE 'first-%'},
 	'20', 'the first 20 delivered');
 my $s = $mock->stats;
@@ -47,7 +37,7 @@ is($s->{connections_with_requests}, 1, '20 requests at once shared one connectio
 # 2. A burst: several hundred in flight at once, on a handful of connections.
 $mock->reset;
 $mock->config({ latency_ms => 300 });
-enqueue($node, 'burst', 2000);
+queue_events($node, 'burst', 2000);
 wait_for($node, q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE 'burst-%'},
 	'2000', 'the burst of 2000 delivered');
 $s = $mock->stats;
@@ -64,7 +54,7 @@ $node->stop;
 my $narrow = StripeMock->new(%tls, h2_max_streams => 10, config => { latency_ms => 300 });
 my $node2 = new_node('h2narrow', mock => $narrow,
 	conf => { 'stripe_meter.ca_file' => "$dir/ca.pem", 'stripe_meter.max_connections' => 3 });
-enqueue($node2, 'narrow', 200);
+queue_events($node2, 'narrow', 200);
 wait_for($node2, q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE 'narrow-%'},
 	'200', 'all 200 delivered through a server allowing 10 streams');
 $s = $narrow->stats;

@@ -17,21 +17,10 @@ make_certificates($dir, [ 'server', 'localhost', 'DNS:localhost,IP:127.0.0.1' ])
 delete @ENV{qw(https_proxy HTTPS_PROXY all_proxy ALL_PROXY http_proxy no_proxy NO_PROXY)};
 my %tls = (tls_cert => "$dir/server.pem", tls_key => "$dir/server.key");
 
-sub enqueue
-{
-	my ($node, $prefix, $n) = @_;
-	$node->safe_psql('postgres', qq{
-		INSERT INTO stripe_meter.outbox (event_name, payload, identifier)
-		SELECT 'api_requests',
-		       jsonb_build_object('stripe_customer_id', 'cus_${prefix}' || i, 'value', 1),
-		       '${prefix}-' || i
-		  FROM generate_series(1, $n) i});
-}
-
 # 1. An https server offering http/1.1 alone.
 my $h1 = StripeMock->new(%tls, http1_only => 1, config => { latency_ms => 300 });
 my $node = new_node('h1', mock => $h1, conf => { 'stripe_meter.ca_file' => "$dir/ca.pem" });
-enqueue($node, 'one', 400);
+queue_events($node, 'one', 400);
 wait_for($node, q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE 'one-%'},
 	'400', 'all 400 delivered over HTTP/1.1');
 my $s = $h1->stats;
@@ -49,7 +38,7 @@ $node->stop;
 my $h2 = StripeMock->new(%tls, config => { latency_ms => 100 });
 my $node2 = new_node('h2off', mock => $h2,
 	conf => { 'stripe_meter.ca_file' => "$dir/ca.pem", 'stripe_meter.http2' => 'off' });
-enqueue($node2, 'off', 50);
+queue_events($node2, 'off', 50);
 wait_for($node2, q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE 'off-%'},
 	'50', 'all 50 delivered with http2 off');
 $s = $h2->stats;
