@@ -1457,11 +1457,14 @@ function report(R) {
     const plain = P.latencies.map((lat) => drainOf('http1', lat)).filter(Boolean);
     const pgUsMax = plain.length ? Math.max(...plain.map((d) => us(d.pgCpu, d.delivered))) : 0;
     if (pgUsMax > 100) {
-      notes.push(`- PostgreSQL CPU per v1 event on plain HTTP/1.1 (up to ${fmt(pgUsMax, 1)} µs): almost all of it is the worker, and an earlier profile`
-        + ' of it (perf record -e cpu-clock, 512 in flight, 0 ms, HTTP/1.1) put about 56 % in libcurl\'s socket handling'
-        + ' (curl_multi_socket_action: per-request URL parsing and header formatting, connection-cache lookups among 512 connections,'
-        + ' malloc/free, send/recv), about 30 % in SQL (claim 15 %, record 17 %, including index inserts) and about 5 % in parsing'
-        + ' the answers. It rises with latency because more connections stay open.');
+      notes.push(`- PostgreSQL CPU per v1 event on plain HTTP/1.1 (up to ${fmt(pgUsMax, 1)} µs): almost all of it is the worker. A profile`
+        + ' of it over TLS + HTTP/2 at 100 ms (perf with DWARF call graphs and pg_stat_statements, 20,000 events, 512 in flight)'
+        + ' put about 54 % in SQL, about 140 µs per event: the fair claim\'s walk over the keys with events waiting (about 40 µs),'
+        + ' the claim\'s UPDATE (about 36 µs), the durable sent mark before the first byte goes out (about 17 µs) and the record'
+        + ' (about 43 µs, the outbox DELETE and the meter_events INSERT); and about 44 % in libcurl\'s socket handling'
+        + ' (curl_multi_socket_action: libcurl itself about half, nghttp2 and TLS the rest). With API v2 (up to 100 events per'
+        + ' request) the CPU per event is almost all that SQL. doc/performance.md compares it with the run before the fair,'
+        + ' durable claim.');
     }
   }
   if (R.latency && R.latency.busy.rate < 0.95 * P.loadRate) {
