@@ -284,7 +284,10 @@ sub mock_events_for
 =head2 worker_pids($node, $db)
 
 The pids of the stripe_meter workers connected to $db (all databases when
-undef), read from pg_stat_activity through the postgres database.
+undef), read from pg_stat_activity through the postgres database.  Every
+caller expects a worker, and the launcher starts one up to its naptime
+after CREATE EXTENSION or a restart, so this first waits until at least
+one is connected.
 
 =cut
 
@@ -293,6 +296,9 @@ sub worker_pids
 	my ($node, $db) = @_;
 	my $where = "backend_type = 'stripe_meter worker'";
 	$where .= " AND datname = '$db'" if defined $db;
+	$node->poll_query_until('postgres',
+		"SELECT count(*) > 0 FROM pg_stat_activity WHERE $where")
+	  or croak "worker_pids: no stripe_meter worker connected" . (defined $db ? " to $db" : '');
 	my $out = $node->safe_psql('postgres',
 		"SELECT pid FROM pg_stat_activity WHERE $where ORDER BY pid");
 	return [ grep { length } split /\n/, $out ];
