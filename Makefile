@@ -18,6 +18,8 @@ OBJS = \
 	src/store.o \
 	src/store_outbox.o \
 	src/store_probe.o \
+	src/store_rollup.o \
+	src/rollup.o \
 	src/launcher.o \
 	src/worker.o \
 	src/scheduler.o \

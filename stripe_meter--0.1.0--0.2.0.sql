@@ -326,14 +326,8 @@ COMMENT ON COLUMN stripe_meter.status.not_billed IS
 -- which need neither the owner's privileges nor a search_path.
 ALTER FUNCTION stripe_meter.outbox_before_insert() SECURITY INVOKER RESET search_path;
 
--- The worker claims due events key by key (customer, meter, account), a
--- few per key, so one customer's backlog never fills a claim: the index
--- leads with that key, and leaves out claimed rows.
+-- The index the worker claims by changes: see outbox_due_idx below.
 DROP INDEX stripe_meter.outbox_due_idx;
-CREATE INDEX outbox_due_idx ON stripe_meter.outbox
-	(customer COLLATE "C", event_name COLLATE "C",
-	 (COALESCE(stripe_account, '')) COLLATE "C", next_attempt_at)
-	WHERE in_flight_since IS NULL;
 
 -- Whether a claimed attempt was handed to the network.  An older worker
 -- recorded no such thing: whatever it had claimed may have been sent.
@@ -403,3 +397,177 @@ UPDATE stripe_meter.outbox
  WHERE attempts OPERATOR(pg_catalog.>) 0 OR first_attempt_at IS NOT NULL;
 COMMENT ON COLUMN stripe_meter.outbox.identifier IS
 	'Stripe''s event identifier; every attempt''s Idempotency-Key is derived from it';
+
+-- ---------------------------------------------------------------------------
+-- Rollups: the events of one customer, meter and set of dimension values
+-- that fall in one time window, sent to Stripe as one event.
+-- ---------------------------------------------------------------------------
+
+-- A meter's rollup window (NULL, the default: every event is sent by
+-- itself).  Only a sum or last meter may have one: Stripe bills the sum of
+-- a window's values, or its last value, exactly as it bills the events one
+-- by one, but it would count a rollup of a count meter as one event.
+-- Windows are aligned on whole multiples of their length since the epoch.
+ALTER TABLE stripe_meter.meters
+	ADD COLUMN rollup_window interval,
+	ADD CONSTRAINT meters_rollup_window_check
+		CHECK (rollup_window IS NULL
+			   OR (aggregation OPERATOR(pg_catalog.=) ANY ('{sum,last}'::text[])
+				   AND rollup_window OPERATOR(pg_catalog.>=) interval '1 second'
+				   AND rollup_window OPERATOR(pg_catalog.<=) interval '1 day'
+				   AND pg_catalog.date_part('epoch', rollup_window)
+					   OPERATOR(pg_catalog.=) pg_catalog.trunc(pg_catalog.date_part('epoch', rollup_window))));
+COMMENT ON COLUMN stripe_meter.meters.rollup_window IS
+	'NULL: each event is sent by itself; else events are summed (sum meters) or the last one kept (last meters) per customer, dimension values and window of this length, set with stripe_meter_set_rollup_window()';
+
+-- An event of such a meter waits in the outbox, never claimed by itself,
+-- until its window has closed: its window and the meter's formula are
+-- frozen when it is queued, so changing the meter later changes only the
+-- events queued after.
+ALTER TABLE stripe_meter.outbox
+	ADD COLUMN rollup_window_end timestamptz,
+	ADD COLUMN rollup_formula text
+		CHECK (rollup_formula OPERATOR(pg_catalog.=) ANY ('{sum,last}'::text[])),
+	ADD CONSTRAINT outbox_rollup_check
+		CHECK ((rollup_window_end IS NULL) OPERATOR(pg_catalog.=) (rollup_formula IS NULL));
+COMMENT ON COLUMN stripe_meter.outbox.rollup_window_end IS
+	'For an event to be rolled up: the end of the window it falls in; it is sent as part of a rollup once that window has closed';
+COMMENT ON COLUMN stripe_meter.outbox.rollup_formula IS
+	'For an event to be rolled up: sum or last, the meter''s formula when it was queued';
+
+-- The worker claims due events key by key (customer, meter, account), a
+-- few per key, so one customer's backlog never fills a claim: the index
+-- leads with that key, and leaves out claimed rows and events waiting to
+-- be rolled up.
+CREATE INDEX outbox_due_idx ON stripe_meter.outbox
+	(customer COLLATE "C", event_name COLLATE "C",
+	 (COALESCE(stripe_account, '')) COLLATE "C", next_attempt_at)
+	WHERE in_flight_since IS NULL AND rollup_window_end IS NULL;
+CREATE INDEX outbox_rollup_idx ON stripe_meter.outbox (rollup_window_end)
+	WHERE rollup_window_end IS NOT NULL;
+
+-- Every rollup the worker formed.  A window's events committed after its
+-- rollup was formed go into the next generation for that window; a sum too
+-- large for Stripe's 15 digits is split into parts.  The identifier, also
+-- the Idempotency-Key's base, is derived from the group, the window, the
+-- generation and the part, so forming it again after a crash gives the same.
+CREATE TABLE stripe_meter.rollups (
+	identifier text PRIMARY KEY,
+	group_hash text NOT NULL,
+	window_end timestamptz NOT NULL,
+	generation integer NOT NULL,
+	part integer NOT NULL,
+	event_name text NOT NULL,
+	stripe_account text,
+	customer text NOT NULL,
+	formula text NOT NULL,
+	events integer NOT NULL,
+	formed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	CONSTRAINT rollups_window_key UNIQUE (group_hash, window_end, generation, part)
+);
+COMMENT ON TABLE stripe_meter.rollups IS
+	'Rollups formed from events of meters with a rollup_window: one row per event sent for a group, window, generation and part';
+COMMENT ON COLUMN stripe_meter.rollups.group_hash IS
+	'Identifies the group: Stripe account, event name and the payload without its value (customer and dimension values)';
+SELECT pg_catalog.pg_extension_config_dump('stripe_meter.rollups', '');
+
+-- A rolled-up event is kept in meter_events with the identifier of the
+-- rollup it went into; Stripe's answer is kept once, on the rollup's row.
+ALTER TABLE stripe_meter.meter_events
+	ADD COLUMN rollup_identifier text,
+	DROP CONSTRAINT meter_events_outcome_check,
+	ADD CONSTRAINT meter_events_outcome_check
+		CHECK (outcome IN ('created', 'replayed', 'already_existed', 'accepted', 'rolled_up'));
+CREATE INDEX meter_events_rollup_idx ON stripe_meter.meter_events (rollup_identifier)
+	WHERE rollup_identifier IS NOT NULL;
+COMMENT ON COLUMN stripe_meter.meter_events.rollup_identifier IS
+	'For an event rolled up (outcome rolled_up): the identifier of the rollup that carried it, whose own row holds Stripe''s answer';
+
+CREATE FUNCTION @extschema@.stripe_meter_set_rollup_window(event_name text,
+	rollup_window interval DEFAULT interval '1 minute')
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+	formula text;
+BEGIN
+	SELECT m.aggregation INTO formula
+	  FROM stripe_meter.meters m
+	 WHERE m.event_name OPERATOR(pg_catalog.=) $1
+	   FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'meter for event name "%" does not exist', $1
+			USING ERRCODE = 'undefined_object',
+				  HINT = 'Run stripe_meter_sync_meters() to read the meters from Stripe.';
+	END IF;
+	IF $2 IS NOT NULL AND formula IS NULL THEN
+		RAISE EXCEPTION 'cannot roll up events of meter "%": its aggregation formula is not known', $1
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+				  HINT = 'Run stripe_meter_sync_meters() to read the meter''s formula from Stripe.';
+	END IF;
+	IF $2 IS NOT NULL AND formula OPERATOR(pg_catalog.=) 'count' THEN
+		RAISE EXCEPTION 'cannot roll up events of meter "%": it counts events', $1
+			USING ERRCODE = 'feature_not_supported',
+				  DETAIL = 'Stripe would count a rollup as one event.';
+	END IF;
+	IF $2 IS NOT NULL AND ($2 OPERATOR(pg_catalog.<) interval '1 second'
+						   OR $2 OPERATOR(pg_catalog.>) interval '1 day'
+						   OR pg_catalog.date_part('epoch', $2)
+							  OPERATOR(pg_catalog.<>) pg_catalog.trunc(pg_catalog.date_part('epoch', $2))) THEN
+		RAISE EXCEPTION 'rollup window must be a whole number of seconds from 1 second to 1 day'
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	UPDATE stripe_meter.meters m SET rollup_window = $2
+	 WHERE m.event_name OPERATOR(pg_catalog.=) $1;
+END
+$fn$;
+REVOKE ALL ON FUNCTION @extschema@.stripe_meter_set_rollup_window(text, interval) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.stripe_meter_set_rollup_window(text, interval) IS
+	'Rolls up the events of a sum or last meter queued from now on, per customer, dimension values and window of this length (NULL: send each event by itself)';
+
+-- The status view counts the events waiting in open windows apart from
+-- those waiting to be sent.
+CREATE OR REPLACE VIEW stripe_meter.status AS
+SELECT
+	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
+	  WHERE o.in_flight_since IS NULL AND o.rollup_window_end IS NULL) AS pending,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
+	  WHERE o.in_flight_since IS NOT NULL) AS in_flight,
+	(SELECT COALESCE(pg_catalog.sum(c.delivered), 0)::bigint
+	   FROM stripe_meter.counters c) AS delivered,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.failed_events) AS failed,
+	pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
+		(SELECT o.enqueued_at FROM stripe_meter.outbox o ORDER BY o.id LIMIT 1)
+		AS oldest_pending_age,
+	w.paused,
+	w.last_error,
+	(SELECT COALESCE(pg_catalog.sum(s.delivered), 0)::bigint
+	   FROM stripe_meter.delivered_seconds s
+	  WHERE s.second OPERATOR(pg_catalog.>)
+			(pg_catalog.now() OPERATOR(pg_catalog.-) interval '1 minute'))
+		AS delivered_last_minute,
+	w.worker_pid,
+	(SELECT COALESCE(pg_catalog.sum(c.not_billed), 0)::bigint
+	   FROM stripe_meter.counters c) AS not_billed,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
+	  WHERE a.status IN ('awaiting_delivery', 'queued')) AS cancels_pending,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
+	  WHERE a.status OPERATOR(pg_catalog.=) 'failed') AS cancels_failed,
+	(SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+				'stripe_account', p.stripe_account, 'reason', p.reason,
+				'http_status', p.http_status, 'paused_at', p.paused_at,
+				'next_try_at', p.next_try_at) ORDER BY p.stripe_account)
+	   FROM stripe_meter.paused_accounts p) AS paused_accounts,
+	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
+	  WHERE o.rollup_window_end IS NOT NULL) AS rollup_waiting,
+	(SELECT pg_catalog.min(o.rollup_window_end) FROM stripe_meter.outbox o
+	  WHERE o.rollup_window_end IS NOT NULL) AS rollup_oldest_window_end
+FROM stripe_meter.worker_state() w;
+COMMENT ON COLUMN stripe_meter.status.pending IS
+	'Events waiting to be sent, not counting those waiting in an open rollup window';
+COMMENT ON COLUMN stripe_meter.status.rollup_waiting IS
+	'Events waiting for their rollup window to close';
+COMMENT ON COLUMN stripe_meter.status.rollup_oldest_window_end IS
+	'When the oldest rollup window with events waiting closes';

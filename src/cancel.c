@@ -117,6 +117,14 @@ CancelEvent(const char *event_name, const char *identifier)
 	if (StoreCancelFindDelivered(identifier, &found))
 	{
 		check_event_name_matches(identifier, event_name, found.event_name);
+		if (found.rollup_identifier != NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("meter event \"%s\" cannot be cancelled by itself", identifier),
+					 errdetail("It was rolled up into the event \"%s\", which Stripe received instead.",
+							   found.rollup_identifier),
+					 errhint("Cancel \"%s\" as a whole, or correct the usage with a new event.",
+							 found.rollup_identifier)));
 		refuse_if_already_cancelled(identifier);
 		if (found.received_at <= GetCurrentTransactionStartTimestamp() -
 			(TimestampTz) CANCEL_WINDOW_SECS * USECS_PER_SEC)

@@ -133,7 +133,9 @@ EnqueueOutboxRow(Relation rel, HeapTuple tuple)
 				att_value_key,
 				att_canonical,
 				att_legacy_key,
-				att_first_attempt;
+				att_first_attempt,
+				att_window_end,
+				att_formula;
 	bool		isnull;
 	Datum		d;
 	char	   *customer_key;
@@ -142,10 +144,14 @@ EnqueueOutboxRow(Relation rel, HeapTuple tuple)
 	char	   *given_value_key = NULL;
 	bool		attempted;
 	bool		can_freeze;
-	int			cols[6];
-	Datum		vals[6];
-	bool		nulls[6] = {false, false, false, false, false, false};
+	int			cols[8];
+	Datum		vals[8];
+	bool		nulls[8] = {false, false, false, false, false, false, false, false};
 	int			ncols = 3;
+
+	/* a rollup the worker formed: its request is fixed already */
+	if (RollupForming())
+		return tuple;
 
 	att_identifier = column_number(rel, "identifier", NULL);
 	att_event_name = column_number(rel, "event_name", NULL);
@@ -165,6 +171,8 @@ EnqueueOutboxRow(Relation rel, HeapTuple tuple)
 	att_canonical = attnum_of(desc, "canonical_value");
 	att_legacy_key = attnum_of(desc, "legacy_idempotency_key");
 	can_freeze = att_value_key > 0 && att_canonical > 0 && att_legacy_key > 0;
+	att_window_end = attnum_of(desc, "rollup_window_end");
+	att_formula = attnum_of(desc, "rollup_formula");
 
 	memset(&event, 0, sizeof(event));
 	d = heap_getattr(tuple, att_event_name, desc, &isnull);
@@ -213,7 +221,10 @@ EnqueueOutboxRow(Relation rel, HeapTuple tuple)
 	 * the cost of an enqueue.  The outbox's unique index still guards it.
 	 */
 	if (!identifier_generated)
+	{
 		check_identifier_unused(event.identifier);
+		RollupCheckIdentifier(event.identifier);
+	}
 
 	cols[0] = att_identifier;
 	vals[0] = CStringGetTextDatum(event.identifier);
@@ -238,6 +249,24 @@ EnqueueOutboxRow(Relation rel, HeapTuple tuple)
 		cols[5] = att_legacy_key;
 		vals[5] = BoolGetDatum(false);
 		ncols = 6;
+	}
+	if (!attempted && att_window_end > 0 && att_formula > 0)
+	{
+		/*
+		 * An event of a meter that rolls up waits for its window to close;
+		 * a rollup itself (restored from a dump), or an event of any other
+		 * meter, is sent alone.
+		 */
+		bool		rolls_up = meter.rollup_window_secs > 0 &&
+			!RollupIsIdentifier(event.identifier);
+
+		cols[ncols] = att_window_end;
+		nulls[ncols] = !rolls_up;
+		vals[ncols++] = rolls_up ?
+			TimestampTzGetDatum(RollupWindowEnd(event.ts, meter.rollup_window_secs)) : (Datum) 0;
+		cols[ncols] = att_formula;
+		nulls[ncols] = !rolls_up;
+		vals[ncols++] = rolls_up ? CStringGetTextDatum(meter.aggregation) : (Datum) 0;
 	}
 	tuple = heap_modify_tuple_by_cols(tuple, desc, ncols, cols, vals, nulls);
 

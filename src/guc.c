@@ -43,6 +43,7 @@ int			stripe_meter_retry_max_delay = 60000;
 int			stripe_meter_rate_limit = -1;
 int			stripe_meter_claim_batch_size = 1000;
 int			stripe_meter_naptime = 5000;
+int			stripe_meter_rollup_settle_delay = 5000;
 int			stripe_meter_resend_window = 23 * 3600;
 int			stripe_meter_account_retry_interval = 600;
 int			stripe_meter_delivered_retention = 7 * 24 * 60;
@@ -363,6 +364,12 @@ StripeMeterDefineSettings(void)
 							"Sets how often an idle worker looks for due events without being woken.",
 							"Commits that queue events wake the worker at once; this is the safety net and the clock for scheduled retries.",
 							&stripe_meter_naptime, 5000, 10, 3600000,
+							PGC_SIGHUP, GUC_UNIT_MS | GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("stripe_meter.rollup_settle_delay",
+							"Sets how long after a rollup window closes its events are rolled up and sent.",
+							"Events committed later than this after their window closed go into a further rollup of the same window.",
+							&stripe_meter_rollup_settle_delay, 5000, 0, 3600000,
 							PGC_SIGHUP, GUC_UNIT_MS | GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("stripe_meter.resend_window",

@@ -110,7 +110,7 @@ StoreCancelFindDelivered(const char *identifier, CancelTarget *found)
 	SPI_connect();
 	if (plan == NULL)
 		plan = SpiPrepareSaved("SELECT event_name, stripe_account,"
-							   "       COALESCE(created, first_attempt_at, delivered_at)"
+							   "       COALESCE(created, first_attempt_at, delivered_at), rollup_identifier"
 							   "  FROM stripe_meter.meter_events WHERE identifier = $1 FOR UPDATE",
 							   1, (Oid[]) {TEXTOID});
 	if (!find_one(plan, identifier, false, "delivered events"))
@@ -121,6 +121,7 @@ StoreCancelFindDelivered(const char *identifier, CancelTarget *found)
 	found->event_name = StoreResultText(0, 1, caller);
 	found->stripe_account = StoreResultText(0, 2, caller);
 	found->received_at = StoreResultTimestamp(0, 3);
+	found->rollup_identifier = StoreResultText(0, 4, caller);
 	SPI_finish();
 	return true;
 }

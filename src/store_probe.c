@@ -43,6 +43,7 @@
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
+#include "utils/timestamp.h"
 
 #include "stripe_meter.h"
 
@@ -63,6 +64,8 @@ typedef struct ProbeCache
 	AttrNumber	meters_customer_key;
 	AttrNumber	meters_value_key;
 	AttrNumber	meters_status;	/* InvalidAttrNumber before 0.2.0 */
+	AttrNumber	meters_aggregation; /* InvalidAttrNumber before 0.2.0 */
+	AttrNumber	meters_rollup_window;	/* InvalidAttrNumber before rollups */
 	Oid			sync_state;		/* InvalidOid before 0.2.0 */
 	AttrNumber	sync_state_synced_at;
 } ProbeCache;
@@ -146,7 +149,9 @@ fill_cache(void)
 	{
 		cache.sync_state_synced_at = required_attnum(cache.sync_state, "meters_synced_at");
 		cache.meters_status = required_attnum(cache.meters.heap, "status");
+		cache.meters_aggregation = required_attnum(cache.meters.heap, "aggregation");
 	}
+	cache.meters_rollup_window = get_attnum(cache.meters.heap, "rollup_window");
 	cache.valid = true;
 }
 
@@ -223,6 +228,22 @@ StoreProbeMeter(const char *event_name, EnqueueMeter *meter)
 	meter->value_key = slot_text_or_null(slot, cache.meters_value_key);
 	if (cache.meters_status != InvalidAttrNumber)
 		meter->status = slot_text_or_null(slot, cache.meters_status);
+	if (cache.meters_aggregation != InvalidAttrNumber)
+		meter->aggregation = slot_text_or_null(slot, cache.meters_aggregation);
+	if (cache.meters_rollup_window != InvalidAttrNumber)
+	{
+		bool		isnull;
+		Datum		d = slot_getattr(slot, cache.meters_rollup_window, &isnull);
+
+		/* whole seconds of at most a day: the table's CHECK says so */
+		if (!isnull)
+		{
+			Interval   *w = DatumGetIntervalP(d);
+
+			meter->rollup_window_secs = w->day * SECS_PER_DAY +
+				w->time / USECS_PER_SEC;
+		}
+	}
 	ExecDropSingleTupleTableSlot(slot);
 }
 

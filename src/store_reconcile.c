@@ -122,6 +122,7 @@ StoreReconcileCompare(List *pages, int64 from_secs, int64 to_secs, int64 step,
 							   "    FROM stripe_meter.meter_events e"
 							   "   WHERE e.event_name = $5 AND e.customer = $6"
 							   "     AND e.stripe_account IS NOT DISTINCT FROM $7"
+							   "     AND e.outcome <> 'rolled_up'"
 							   "     AND e.ts >= pg_catalog.to_timestamp($2::float8)"
 							   "     AND e.ts < pg_catalog.to_timestamp($3::float8)"
 							   "     AND NOT EXISTS (SELECT 1 FROM stripe_meter.adjustments a"

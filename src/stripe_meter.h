@@ -19,6 +19,9 @@
  *				each database where the extension exists
  *	store		the table-I/O layer: store.c, store_*.c and delivery_store.c
  *				hold every SPI call and every SQL text
+ *	rollup		one event the worker forms from the events of a meter with a
+ *				rollup window that share an account, customer, dimension
+ *				values and window; they stay in meter_events as rolled_up
  *
  * Copyright (c) 2026, stripe_meter developers
  *
@@ -87,6 +90,7 @@ extern char *stripe_meter_stream_url;
 extern int	stripe_meter_unknown_meter;
 extern int	stripe_meter_meter_sync_interval;
 extern int	stripe_meter_error_poll_interval;
+extern int	stripe_meter_rollup_settle_delay;
 
 /* stripe_meter.api_version */
 typedef enum StripeApiVersion
@@ -143,6 +147,8 @@ typedef struct EnqueueMeter
 	char	   *customer_key;
 	char	   *value_key;
 	char	   *status;			/* NULL before 0.2.0 or when unknown */
+	char	   *aggregation;	/* count, last, sum, or NULL when unknown */
+	int64		rollup_window_secs; /* 0: each event is sent by itself */
 } EnqueueMeter;
 
 typedef enum EnqueueIdentifierUse
@@ -730,6 +736,7 @@ typedef struct CancelTarget
 	TimestampTz received_at;	/* delivered: when Stripe received it */
 	char	   *reason;			/* failed: why */
 	bool		maybe_billed;	/* failed: Stripe may have billed it */
+	char	   *rollup_identifier;	/* delivered: the rollup that carried it */
 } CancelTarget;
 
 /* One cancellation claimed by the worker. */
@@ -788,6 +795,59 @@ typedef struct ErrorReportAccount
 extern List *StoreErrorsAccounts(int overlap_secs, int max_accounts, MemoryContext cxt);
 extern void StoreErrorsApplyPage(const char *page, const char *account);
 extern void StoreErrorsRecordRead(const char *error);
+
+/* ---- in rollup.c: many events of one group and window sent as one ---- */
+#define ROLLUP_ID_PREFIX "stripe_meter_rollup_"
+#define ROLLUP_MAX_VALUE INT64CONST(999999999999999)	/* STRIPE_MAX_VALUE_DIGITS */
+#define ROLLUP_FORM_LIMIT 50000 /* events rolled up per transaction */
+
+typedef struct RollupSource
+{
+	int64		id;
+	char	   *group_hash;
+	TimestampTz window_end;
+	char	   *formula;		/* sum or last */
+	char	   *event_name;
+	char	   *stripe_account; /* NULL: the platform */
+	char	   *customer;
+	char	   *dimensions;		/* the payload without its value, as jsonb text */
+	char	   *value_key;
+	char	   *value;			/* canonical digits */
+	TimestampTz ts;
+	TimestampTz enqueued_at;
+} RollupSource;
+
+typedef struct RollupPart
+{
+	char	   *identifier;
+	char	   *group_hash;
+	TimestampTz window_end;
+	int			generation;
+	int			part;
+	const char *event_name;
+	const char *stripe_account;
+	const char *customer;
+	const char *formula;
+	int			events;
+	const char *dimensions;
+	const char *value_key;
+	char	   *value;
+	TimestampTz ts;				/* the latest event's */
+	TimestampTz enqueued_at;	/* that event's */
+} RollupPart;
+
+extern bool RollupForming(void);
+extern bool RollupIsIdentifier(const char *identifier);
+extern void RollupCheckIdentifier(const char *identifier);
+extern TimestampTz RollupWindowEnd(TimestampTz ts, int64 window_secs);
+extern TimestampTz RollupFormDue(TimestampTz now, bool *formed);
+
+/* ---- in store_rollup.c (the SQL of rollups) ---- */
+extern List *StoreRollupDueSources(TimestampTz closed_by, int limit, MemoryContext cxt);
+extern int	StoreRollupNextGeneration(const char *group_hash, TimestampTz window_end);
+extern void StoreRollupQueue(const RollupPart *r);
+extern void StoreRollupRetire(int64 *ids, char **rollup_ids, int n);
+extern TimestampTz StoreRollupOldestWindow(void);
 
 /* ---- in store_reconcile.c (the SQL of stripe_meter_reconcile()) ---- */
 extern bool StoreReconcilePickMeter(const char *page, const char *event_name,

@@ -59,10 +59,12 @@
 #include "stripe_meter.h"
 
 #define PURGE_INTERVAL_MS	60000
+#define ROLLUP_ERROR_RETRY_MS 60000 /* after a rollup pass failed */
 #define REPAIR_RETRY_MS		1000	/* retry repairing rows another session locks */
 #define WORKER_LOCK_TIMEOUT "50"	/* ms: the longest the worker waits for a lock */
 
 static TimestampTz next_purge_at = 0;
+static TimestampTz next_rollup_at = 0;	/* when to look for closed windows */
 static bool extension_absent = false;	/* exit frees the slot for good */
 static const Sender *sender;	/* for stripe_meter.api_version at start */
 static bool api_switch_pending = false; /* it changed: drain, then exit */
@@ -155,6 +157,47 @@ purge_if_due(TimestampTz now)
 	DeliveryStoreCommit();
 	if (purged >= PURGE_BATCH)
 		next_purge_at = now;
+}
+
+/*
+ * Roll up the windows that have closed (rollup.c), when one may have.  A
+ * failure to roll up must not stop delivery: it is logged and shown in
+ * status, and tried again a minute later.
+ */
+static void
+rollup_if_due(TimestampTz now)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	bool		formed = false;
+
+	if (now < next_rollup_at)
+		return;
+	PG_TRY();
+	{
+		next_rollup_at = RollupFormDue(now, &formed);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+		char		text[WORKER_TEXT_LEN];
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		snprintf(text, sizeof(text), "could not roll up meter events: %s", edata->message);
+		StripeMeterSetLastError(MyDatabaseId, text);
+		if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+			ereport(LOG,
+					(errmsg("stripe_meter worker could not roll up meter events: %s",
+							edata->message),
+					 errdetail("Delivery goes on; rolling up is tried again in a minute.")));
+		next_rollup_at = TimestampTzPlusMilliseconds(now, ROLLUP_ERROR_RETRY_MS);
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	if (formed)
+		SchedulerWake();
 }
 
 /* the slot goes back to the launcher when this process exits */
@@ -270,6 +313,9 @@ delivery_pass(void)
 	if (!SchedulerTurn(now, api_switch_pending))
 		return;
 
+	/* paused (stripe_meter.enabled off, a bad key): events stay as they are */
+	if (PauseReason() == NULL)
+		rollup_if_due(now);
 	purge_if_due(now);
 	/* lifecycle.c: cancellations, meter sync, error reports */
 	lifecycle_wait = LifecycleWorkerTick(PauseReason() != NULL, lifecycle_woken);
@@ -282,6 +328,18 @@ delivery_pass(void)
 	/* a purge that found a full batch goes on at once */
 	if (next_purge_at <= now)
 		timeout = 0;
+	/* and windows close on time */
+	if (timeout != 0)
+	{
+		long		secs;
+		int			usecs;
+		long		rollup_wait;
+
+		TimestampDifference(GetCurrentTimestamp(), next_rollup_at, &secs, &usecs);
+		rollup_wait = secs * 1000 + (usecs + 999) / 1000;
+		if (timeout < 0 || rollup_wait < timeout)
+			timeout = rollup_wait;
+	}
 	latch_set = StripeClientWait(timeout, StripeMeterWaitEvent(wait));
 	if (latch_set)
 	{

@@ -36,6 +36,7 @@ const P = Q ? {
   fairCold: 200, fairCommits: 4, fairHot: 10000, fairTimeout: 15,
   memEvents: 100000, memProduceSeconds: 120, memTimeout: 240,
   scaleSteps: [1, 4, 16, 64, 256, 512], scaleWarm: 1, scaleSeconds: 2,
+  rollupEvents: 100000, rollupSingle: 20000, rollupTimeout: 300,
 } : {
   enqueueSeconds: 15, enqueueRounds: 3,
   drainEvents: 100000, latencies: [0, 20, 100], skewEvents: 100000, drainTimeout: 120,
@@ -47,6 +48,7 @@ const P = Q ? {
   fairCold: 200, fairCommits: 4, fairHot: 50000, fairTimeout: 15,
   memEvents: 1000000, memProduceSeconds: 600, memTimeout: 900,
   scaleSteps: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], scaleWarm: 2, scaleSeconds: 6,
+  rollupEvents: 1000000, rollupSingle: 100000, rollupTimeout: 900,
 };
 
 // Findings that explain gaps, printed under "Notes" in RESULTS.md.
@@ -914,6 +916,83 @@ async function benchFairness() {
   return { latency: FAIR_LATENCY, boundMs: FAIR_BOUND_MS, gapMs: FAIR_GAP_MS, cases };
 }
 
+// ---------------------------------------------------------------- 4c. rollups
+
+const ROLLUP_LATENCY = 20;
+const ROLLUP_CUSTOMERS = 100;
+
+// n events of eventName for ROLLUP_CUSTOMERS customers, spread over the ten
+// whole minutes before the current one (windows that have closed), through
+// the validation trigger; values 1..1000
+async function rollupFill(eventName, n) {
+  for (let done = 0; done < n; done += 100000) {
+    const k = Math.min(100000, n - done);
+    await db.query(`INSERT INTO stripe_meter.outbox (event_name, payload, ts)
+      SELECT $1, jsonb_build_object('stripe_customer_id', 'cus_roll' || (g % ${ROLLUP_CUSTOMERS}), 'value', g % 1000 + 1),
+             date_trunc('minute', now()) - interval '10 minutes' + (g % 600) * interval '1 second'
+        FROM generate_series($2::int, $3::int) g`, [eventName, done + 1, done + k]);
+  }
+  await db.query('VACUUM ANALYZE stripe_meter.outbox');
+  await db.query('CHECKPOINT');
+}
+
+// The same events rolled up (a summed meter, 1-minute window) and one by
+// one, on the headline path.  Rolled up, every window has closed before the
+// worker is enabled: the time is from enabling to the last rollup recorded,
+// forming included.  One by one is measured on a sample (rollupSingle
+// events) and its time for all the events is that rate, extrapolated.
+async function benchRollup() {
+  log(`4c. rollups: ${P.rollupEvents} events for ${ROLLUP_CUSTOMERS} customers on a summed meter with a 1-minute window, and ${P.rollupSingle} of them one by one (TLS + HTTP/2, ${ROLLUP_LATENCY} ms)`);
+  await usePath('h2');
+  await clearOutbox();
+  await db.query(`INSERT INTO stripe_meter.meters (event_name, aggregation) VALUES ('bench_rollup', 'sum')
+    ON CONFLICT (event_name) DO UPDATE SET aggregation = 'sum'`);
+  await db.query("SELECT stripe_meter_set_rollup_window('bench_rollup', interval '1 minute')");
+
+  await mockReset(ROLLUP_LATENCY);
+  let t = nowMs();
+  await rollupFill('bench_rollup', P.rollupEvents);
+  const fillSecs = (nowMs() - t) / 1000;
+  const expected = {};
+  for (const r of await sql(`SELECT payload->>'stripe_customer_id' AS c, sum((payload->>'value')::bigint) AS v
+      FROM stripe_meter.outbox GROUP BY 1`)) expected[r.c] = Number(r.v);
+  const [g] = await sql(`SELECT count(DISTINCT (customer, rollup_window_end)) AS n FROM stripe_meter.outbox`);
+  const wpid = await workerPid();
+  const before = cpuSnap(wpid);
+  await setConf('stripe_meter.enabled', 'on');
+  const deadline = nowMs() + P.rollupTimeout * 1000;
+  let left;
+  for (;;) {
+    left = await outboxCount();
+    if (left === 0 || nowMs() > deadline) break;
+    await sleep(100);
+  }
+  const after = cpuSnap(wpid);
+  await setConf('stripe_meter.enabled', 'off');
+  const s = await mockStats();
+  const billed = {};
+  for (const e of await mock('GET', '/__mock/events?event_name=bench_rollup')
+    .then((r) => r.data)) billed[e.payload.stripe_customer_id] = (billed[e.payload.stripe_customer_id] || 0) + Number(e.payload.value);
+  const exact = Object.keys(expected).length === Object.keys(billed).length &&
+    Object.keys(expected).every((c) => expected[c] === billed[c]);
+  const [rolled] = await sql(`SELECT count(*) AS n FROM stripe_meter.meter_events WHERE outcome = 'rolled_up'`);
+  const rollup = {
+    n: P.rollupEvents, groups: Number(g.n), fillSecs, secs: (after.t - before.t) / 1000, complete: left === 0,
+    calls: s.requests, billed: s.billed, exact, rolledUp: Number(rolled.n),
+    duplicates: s.identifiers_billed_multiple_times,
+    pgCpu: after.pg - before.pg, workerCpu: after.worker - before.worker,
+  };
+  log(`   rolled up: ${fmt(rollup.calls)} calls for ${fmt(rollup.n)} events in ${fmt(rollup.secs, 1)} s, ${fmt(1e6 * rollup.pgCpu / rollup.n, 1)} µs PostgreSQL CPU per event, sums ${exact ? 'exact' : 'NOT exact'}`);
+
+  await clearOutbox();
+  await mockReset(ROLLUP_LATENCY);
+  await rollupFill('bench_single', P.rollupSingle);
+  const one = await timedDrain(P.rollupSingle, P.rollupTimeout);
+  log(`   one by one: ${fmt(one.evs)} events/s, ${fmt(1e6 * one.pgCpu / one.n, 1)} µs PostgreSQL CPU per event`);
+  await clearOutbox();
+  return { latency: ROLLUP_LATENCY, customers: ROLLUP_CUSTOMERS, rollup, single: one };
+}
+
 // ---------------------------------------------------------------- 5. memory and bloat
 
 // rate: events/s the producer offers (null: as fast as it can); at least
@@ -1400,6 +1479,22 @@ function report(R) {
     L.push('');
   }
 
+  if (R.rollup) {
+    const ru = R.rollup.rollup;
+    const one = R.rollup.single;
+    const oneAllSecs = ru.n / one.evs;
+    L.push(`## 4c. Rollups: ${fmt(ru.n)} events for ${fmt(R.rollup.customers)} customers on a summed meter (TLS + HTTP/2, ${fmt(R.rollup.latency)} ms)`, '');
+    L.push(`The events are queued through the validation trigger, spread over the ten whole minutes before the run (every window has closed)`,
+      `with values 1 to 1,000. Rolled up: the meter has a 1-minute window; timed from enabling the worker to an empty outbox, forming the`,
+      `rollups included, and each customer's billed sum checked against its events'. One by one: ${fmt(one.n)} of the same kind of events on a`,
+      'meter without a window, drained the same way; its time for all the events is its rate, extrapolated. Stripe allows one call per',
+      `customer and meter at a time, so one by one ${fmt(R.rollup.customers)} customers are served at most ${fmt(R.rollup.customers)} calls at a time.`, '');
+    L.push('| | events | Stripe calls | time | PostgreSQL CPU | CPU per source event | billed sums |', '|---|---|---|---|---|---|---|');
+    L.push(`| rolled up (${fmt(ru.groups)} customer-windows) | ${fmt(ru.n)} | ${fmt(ru.calls)} | ${fmt(ru.secs, 1)} s${ru.complete ? '' : ' (timeout)'} | ${fmt(ru.pgCpu, 1)} s | ${fmt(1e6 * ru.pgCpu / ru.n, 1)} µs | ${ru.exact ? 'exact' : '**not exact**'}; ${fmt(ru.rolledUp)} kept as rolled_up; ${fmt(ru.duplicates)} identifiers billed twice |`);
+    L.push(`| one by one (measured on ${fmt(one.n)}) | ${fmt(one.n)} | ${fmt(one.requests)} | ${fmt(one.secs, 1)} s (${fmt(one.evs)} events/s; all ${fmt(ru.n)}: about ${fmt(oneAllSecs)} s) | ${fmt(one.pgCpu, 1)} s | ${fmt(1e6 * one.pgCpu / one.n, 1)} µs | one call per event |`);
+    L.push('', `Rolled up, Stripe gets ${fmt(ru.n / Math.max(ru.calls, 1))} events per call, the drain takes ${fmt(oneAllSecs / Math.max(ru.secs, 0.001), 1)}x less time than one by one would, and each source event costs ${fmt((one.pgCpu / one.n) / Math.max(ru.pgCpu / ru.n, 1e-9), 1)}x less PostgreSQL CPU.`, '');
+  }
+
   if (R.memory) {
     L.push(`## 5. Memory and bloat over ${fmt(R.memory.total)} events (plain HTTP/1.1)`, '');
     const mm = R.memory;
@@ -1526,7 +1621,7 @@ function report(R) {
   const only = process.env.BENCH_ONLY ? process.env.BENCH_ONLY.split(',') : null;
   const sections = [['enqueue', benchEnqueue], ['wrk', benchWrk], ['h2load', benchH2load], ['drain', benchDrain], ['v2', benchV2],
     ['sdk', benchSdk],
-    ['latency', benchLatency], ['fairness', benchFairness], ['scaling', benchScaling],
+    ['latency', benchLatency], ['fairness', benchFairness], ['rollup', benchRollup], ['scaling', benchScaling],
     // steady state: the producer offers half the measured 0 ms drain rate (the producer shares the CPU), so the outbox
     // should stay small if delivery and autovacuum keep up
     ['memory', () => benchMemory(R.drain ? 0.5 * R.drain.find((r) => r.latency === 0 && r.customers === 'many' && pathOf(r) === 'http1').evs : null)]];

@@ -25,7 +25,7 @@ my $node = new_node('search_path', mock => $mock, conf => { 'stripe_meter.enable
 
 my @exercised = qw(stripe_meter_event_cancel stripe_meter_event_create
   stripe_meter_event_trigger stripe_meter_reconcile stripe_meter_resume_account
-  stripe_meter_retry_failed stripe_meter_sync_meters);
+  stripe_meter_retry_failed stripe_meter_set_rollup_window stripe_meter_sync_meters);
 is($node->safe_psql('postgres', q{
 	SELECT string_agg(p.proname, ' ' ORDER BY p.proname)
 	  FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid
@@ -44,10 +44,12 @@ $node->safe_psql('postgres', q{
 	GRANT EXECUTE ON FUNCTION stripe_meter_sync_meters() TO app;
 	GRANT EXECUTE ON FUNCTION stripe_meter_reconcile(text, text, timestamptz, timestamptz, text, text) TO app;
 	GRANT EXECUTE ON FUNCTION stripe_meter_resume_account(text) TO app;
+	GRANT EXECUTE ON FUNCTION stripe_meter_set_rollup_window(text, interval) TO app;
 	INSERT INTO stripe_meter.paused_accounts (stripe_account, reason, next_try_at)
 	VALUES ('acct_1Evil', 'refused', now() + interval '1 hour');
 	CREATE SCHEMA evil AUTHORIZATION app;
 	INSERT INTO stripe_meter.meters VALUES ('storage', 'customer', 'gb');
+	INSERT INTO stripe_meter.meters (event_name, aggregation) VALUES ('rolled', 'sum');
 	INSERT INTO stripe_meter.meter_events
 		(identifier, event_name, payload, ts, customer, outcome, enqueued_at, attempts)
 	VALUES ('hj-delivered', 'api_requests', '{"stripe_customer_id": "cus_H", "value": "1"}',
@@ -146,6 +148,8 @@ SELECT 'cancel delivered: ' OPERATOR(pg_catalog.||) public.stripe_meter_event_ca
 SELECT * FROM public.stripe_meter_reconcile('api_requests', 'cus_H',
 	pg_catalog.date_trunc('hour', pg_catalog.now()) OPERATOR(pg_catalog.-) '1 hour'::pg_catalog.interval,
 	pg_catalog.date_trunc('hour', pg_catalog.now()));
+SELECT public.stripe_meter_set_rollup_window('rolled', '1.5 seconds'::pg_catalog.interval);
+SELECT 'window set: ' OPERATOR(pg_catalog.||) public.stripe_meter_set_rollup_window('rolled', '2 minutes'::pg_catalog.interval)::pg_catalog.text;
 SELECT 'synced: ' OPERATOR(pg_catalog.||) public.stripe_meter_sync_meters();
 SELECT 'resumed: ' OPERATOR(pg_catalog.||) public.stripe_meter_resume_account('acct_1Evil');
 SELECT 'resumed all: ' OPERATOR(pg_catalog.||) public.stripe_meter_resume_account();
@@ -170,6 +174,8 @@ like($err, qr/42704: no failed meter event has identifier "hj-nonexistent"/,
 like($out, qr/^cancel queued: removed$/m, 'cancelling a queued event removes it');
 like($out, qr/^cancel delivered: queued$/m, 'cancelling a delivered event queues its adjustment');
 like($err, qr/42704: .*api_requests/, 'reconcile looked for the meter (Stripe has none)');
+like($err, qr/22023: rollup window must be a whole number of seconds/, 'a bad rollup window is refused');
+like($out, qr/^window set: $/m, 'a rollup window is set');
 like($out, qr/^synced: 0$/m, 'the meter sync ran (Stripe has no meters)');
 like($out, qr/^resumed: 1$/m, 'the paused account was resumed');
 like($out, qr/^resumed all: 0$/m, 'and no other was paused');
