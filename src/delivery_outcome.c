@@ -22,7 +22,11 @@
  */
 #include "postgres.h"
 
+#include "mb/pg_wchar.h"
+
 #include "stripe_meter.h"
+
+#define BODY_EXCERPT_BYTES 200
 
 /* Idempotency-Key on every attempt; Stripe-Account for a Connect account */
 static const StripeEndpoint v1_meter_events = {
@@ -31,16 +35,33 @@ static const StripeEndpoint v1_meter_events = {
 	.names_object = false,
 };
 
+/*
+ * The start of a body that is not Stripe's JSON (a proxy's HTML page, say),
+ * for the reason stored with the event.  The body is bytes in no declared
+ * encoding and the reason is text in the database's: in a UTF8 database the
+ * excerpt keeps the body's valid UTF-8, cut at a character boundary; in any
+ * other it keeps ASCII and shows '?' for every other byte, so that no byte
+ * sequence the encoding cannot hold is ever stored.
+ */
 static char *
 body_excerpt(const HttpResult *http)
 {
-	size_t		n = Min(http->body_len, 200);
-	char	   *s = pnstrdup(http->body ? http->body : "", n);
+	const char *body = http->body ? http->body : "";
+	int			n = (int) Min(http->body_len, BODY_EXCERPT_BYTES);
+	bool		utf8 = (GetDatabaseEncoding() == PG_UTF8);
+	char	   *s;
 	char	   *p;
 
+	if (utf8)
+		n = pg_encoding_verifymbstr(PG_UTF8, body, n);
+	s = pnstrdup(body, n);
 	for (p = s; *p; p++)
+	{
 		if ((unsigned char) *p < 0x20)
 			*p = ' ';
+		else if (!utf8 && IS_HIGHBIT_SET(*p))
+			*p = '?';
+	}
 	return s;
 }
 

@@ -65,6 +65,29 @@ wait_for($node, q{SELECT reason FROM stripe_meter.failed_events WHERE identifier
 	'l-ascii-400: refused, with the escape decoded', 'latin');
 is_deeply(worker_pids($node, 'latin'), $worker, 'the same worker survived every answer');
 
+# A body that is not JSON (a proxy's page) is kept as an excerpt of its
+# first 200 bytes in the reason: cut there, a UTF-8 character must not be
+# stored half (a UTF8 database), and in LATIN1 its bytes show as '?'.
+$node->safe_psql('postgres', 'CREATE EXTENSION stripe_meter');
+my $page = ('x' x 199) . "\x{e9}t\x{e9}";
+$mock->script([ map { { match => { identifier => $_ }, times => -1, status => 502, body => $page } }
+	  qw(u-cut l-cut) ]);
+$node->safe_psql('postgres', q{
+	SELECT stripe_meter_event_create('ai_search_api', '{"stripe_customer_id": "cus_U", "value": 1}', 'u-cut')});
+$node->safe_psql('latin', q{
+	SELECT stripe_meter_event_create('ai_search_api', '{"stripe_customer_id": "cus_U", "value": 1}', 'l-cut')});
+wait_for($node, q{SELECT count(*) FROM stripe_meter.outbox WHERE last_http_status = 502}, '1',
+	'UTF8: the page is answered', 'postgres');
+wait_for($node, q{SELECT count(*) FROM stripe_meter.outbox WHERE last_http_status = 502}, '1',
+	'LATIN1: the page is answered', 'latin');
+is($node->safe_psql('postgres', q{
+	SELECT convert_from(textsend(last_error), 'UTF8') = last_error AND last_error LIKE '%' || repeat('x', 199)
+	  FROM stripe_meter.outbox WHERE identifier = 'u-cut'}), 't',
+	'UTF8: the excerpt is valid UTF-8, cut before the character 200 bytes would split');
+is($node->safe_psql('latin', q{
+	SELECT last_error LIKE '%' || repeat('x', 199) || '?' FROM stripe_meter.outbox WHERE identifier = 'l-cut'}), 't',
+	'LATIN1: a byte of the page outside ASCII shows as ?');
+
 # Normal answers again: delivered once.
 $mock->script([]);
 wait_for($node, 'SELECT count(*) FROM stripe_meter.outbox', '0', 'all delivered once answers are normal',
@@ -73,6 +96,7 @@ for my $id (@ids)
 {
 	is(scalar @{ mock_events_for($mock, $id) }, 1, "$id: billed once");
 }
+wait_for($node, 'SELECT count(*) FROM stripe_meter.outbox', '0', 'UTF8: delivered once answers are normal');
 is_deeply(worker_pids($node, 'latin'), $worker, 'still the same worker');
 
 $node->stop;
