@@ -144,8 +144,8 @@ DeliveryClassify(const HttpResult *http, const char *identifier,
 			outcome->reason = pstrdup("Stripe answered HTTP 404 for the meter events endpoint; check stripe_meter.api_url");
 			break;
 		case RULE_RATE_LIMITED:
-			outcome->reason = psprintf("rate limited by Stripe (HTTP 429): %s",
-									   message ? message : "no message");
+			outcome->reason = psprintf("rate limited by Stripe (HTTP %ld): %s",
+									   http->status, message ? message : "no message");
 			break;
 		case RULE_UNCONFIRMED:
 			outcome->reason = psprintf("Stripe answered HTTP 200 without a billing.meter_event: %s",

@@ -16,8 +16,9 @@
  *	  is renewed and the request resent; any other token is dropped
  *	- 401 and 403 (and 404 from an endpoint that names no object: the URL
  *	  is wrong): pause the Connect account the request named, or everything
- *	- 429: retry and slow down; Stripe's rate limiters run before its
- *	  idempotency layer, so the request was not processed
+ *	- 429, or 400 with code rate_limit (an older form): retry and slow
+ *	  down; Stripe's rate limiters run before its idempotency layer, so the
+ *	  request was not processed
  *	- 200 without the endpoint's success: retry, outcome unknown (it was
  *	  probably done; a resend with the same key replays the answer)
  *	- 409 or 5xx replayed for the idempotency key: fail, outcome unknown and
@@ -130,7 +131,10 @@ StripeClassify(const HttpResult *http, const StripeResponse *resp,
 		return;
 	}
 
-	if (status == 429)
+	/* an older form of the same: Stripe's libraries treat it as a 429 */
+	if (status == 429 ||
+		(status == 400 && resp->error_code != NULL &&
+		 strcmp(resp->error_code, "rate_limit") == 0))
 	{
 		j->rule = RULE_RATE_LIMITED;
 		j->rate_limited = true;

@@ -178,16 +178,21 @@ isnt($node->safe_psql('postgres', 'SELECT last_error FROM stripe_meter.status'),
 
 # While retrying: a 200 without a meter event leaves the outcome unknown (it
 # may have been created), a 429 does not (Stripe refused it before its
-# idempotency layer), and a 429 is retried however often it comes.
+# idempotency layer), and a 429 is retried however often it comes.  So is
+# the older form of Stripe's rate limiting, a 400 with code rate_limit,
+# which Stripe's own libraries treat as a 429.
 $mock->script([
 	{ match => { identifier => 'o-malformed-2' }, fault => 'malformed_json', times => -1 },
 	{ match => { identifier => 'o-429' }, fault => '429', times => -1 },
+	{ match => { identifier => 'o-400-rate' }, status => 400, times => -1,
+	  body => '{"error":{"type":"invalid_request_error","code":"rate_limit","message":"Request rate limit exceeded."}}' },
 ]);
 enqueue('o-malformed-2', 'cus_K');
 enqueue('o-429', 'cus_J');
+enqueue('o-400-rate', 'cus_JJ');
 wait_for($node,
 	q{SELECT count(*) FROM stripe_meter.outbox WHERE attempts >= 3 AND in_flight_since IS NULL},
-	'2', 'o-malformed-2 and o-429 retried at least twice');
+	'3', 'o-malformed-2, o-429 and o-400-rate retried at least twice');
 is( $node->safe_psql('postgres', q{
 		SELECT last_http_status || ',' || (unknown_outcome_since IS NOT NULL)
 		  FROM stripe_meter.outbox WHERE identifier = 'o-malformed-2'}),
@@ -199,14 +204,18 @@ is( $node->safe_psql('postgres', q{
 		SELECT last_http_status || ',' || (unknown_outcome_since IS NOT NULL)
 		  FROM stripe_meter.outbox WHERE identifier = 'o-429'}),
 	'429,false', 'o-429: retried with its outcome known (not processed)');
+like($node->safe_psql('postgres', q{
+		SELECT last_http_status || ',' || (unknown_outcome_since IS NOT NULL) || ',' || last_error
+		  FROM stripe_meter.outbox WHERE identifier = 'o-400-rate'}),
+	qr/^400,false,rate limited by Stripe/, 'o-400-rate: retried as rate limited, its outcome known');
 $mock->script([]);
 wait_for($node,
 	q{SELECT string_agg(identifier || ':' || outcome, ',' ORDER BY identifier)
-	    FROM stripe_meter.meter_events WHERE identifier IN ('o-429', 'o-malformed-2')},
-	'o-429:created,o-malformed-2:created', 'both delivered once the mock answers normally');
+	    FROM stripe_meter.meter_events WHERE identifier IN ('o-400-rate', 'o-429', 'o-malformed-2')},
+	'o-400-rate:created,o-429:created,o-malformed-2:created', 'all delivered once the mock answers normally');
 is($node->safe_psql('postgres',
-		q{SELECT count(*) FROM stripe_meter.failed_events WHERE identifier = 'o-429'}),
-	'0', 'o-429: never failed');
+		q{SELECT count(*) FROM stripe_meter.failed_events WHERE identifier IN ('o-429', 'o-400-rate')}),
+	'0', 'o-429 and o-400-rate: never failed');
 is(scalar @{ mock_events_for($mock, 'o-malformed-2') }, 1, 'o-malformed-2: billed once');
 cmp_ok(scalar @{ requests_for($mock, 'o-429') }, '>=', 3, 'o-429: mock saw the retries');
 
