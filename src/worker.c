@@ -328,15 +328,12 @@ delivery_pass(void)
 	/* a purge that found a full batch goes on at once */
 	if (next_purge_at <= now)
 		timeout = 0;
-	/* and windows close on time */
+	/* and windows close on time (rounded up: not a pass too early) */
 	if (timeout != 0)
 	{
-		long		secs;
-		int			usecs;
-		long		rollup_wait;
+		long		rollup_wait = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+																  next_rollup_at) + 1;
 
-		TimestampDifference(GetCurrentTimestamp(), next_rollup_at, &secs, &usecs);
-		rollup_wait = secs * 1000 + (usecs + 999) / 1000;
 		if (timeout < 0 || rollup_wait < timeout)
 			timeout = rollup_wait;
 	}
