@@ -82,7 +82,9 @@ StoreMetersReplace(List *pages)
 									  "   customer_payload_key = EXCLUDED.customer_payload_key,"
 									  "   value_payload_key = EXCLUDED.value_payload_key,"
 									  "   meter_id = EXCLUDED.meter_id, aggregation = EXCLUDED.aggregation,"
-									  "   status = EXCLUDED.status, synced_at = EXCLUDED.synced_at"
+									  "   status = EXCLUDED.status, synced_at = EXCLUDED.synced_at,"
+									  "   rollup_window = CASE WHEN EXCLUDED.aggregation IN ('sum', 'last')"
+									  "                        THEN t.rollup_window END"
 									  " WHERE t.synced_at IS DISTINCT FROM EXCLUDED.synced_at"
 									  "    OR (EXCLUDED.status = 'active' AND t.status <> 'active')",
 									  2, (Oid[]) {TEXTOID, TIMESTAMPTZOID});

@@ -233,6 +233,8 @@ is($stats->{identifiers_billed_multiple_times}, 0, 'crash and faults: no identif
 # the late one went as 5 rollups, 60,300 + 1,000 in all.
 $mock->config({ meters => { tokens => { formula => 'sum' } } });
 $node->safe_psql('postgres', 'SELECT stripe_meter_sync_meters()');
+is($node->safe_psql('postgres', q{SELECT rollup_window FROM stripe_meter.meters WHERE event_name = 'tokens'}),
+	'00:01:00', 'a meter sync keeps the rollup window');
 is($node->safe_psql('postgres', qq{
 	SELECT local_events || ':' || local_value || ':' || stripe_value || ':' || difference
 	  FROM stripe_meter_reconcile('tokens', 'cus_0', $base, $base + interval '2 minutes')}),
