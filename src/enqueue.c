@@ -257,7 +257,7 @@ EnqueueOutboxRow(Relation rel, HeapTuple tuple)
 		 * a rollup itself (restored from a dump), or an event of any other
 		 * meter, is sent alone.
 		 */
-		bool		rolls_up = meter.rollup_window_secs > 0 &&
+		bool		rolls_up = meter.rollup_window_secs > 0 && meter.aggregation != NULL &&
 			!RollupIsIdentifier(event.identifier);
 
 		cols[ncols] = att_window_end;

@@ -233,15 +233,21 @@ whole_groups(List *sources)
 TimestampTz
 RollupFormDue(TimestampTz now, bool *formed)
 {
+	static MemoryContext cxt = NULL;
 	TimestampTz closed_by = now - (int64) stripe_meter_rollup_settle_delay * 1000;
-	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "stripe_meter rollups",
-											  ALLOCSET_DEFAULT_SIZES);
 	MemoryContext old;
 	List	   *sources;
 	TimestampTz oldest;
 	TimestampTz next;
 	int			nsources;
+	int			nrolled;
 	int			nrollups = 0;
+
+	/* reset here rather than after the pass: an ERROR may have left it full */
+	if (cxt == NULL)
+		cxt = AllocSetContextCreate(TopMemoryContext, "stripe_meter rollups",
+									ALLOCSET_DEFAULT_SIZES);
+	MemoryContextReset(cxt);
 
 	WorkerBegin(false);
 	old = MemoryContextSwitchTo(cxt);
@@ -249,7 +255,8 @@ RollupFormDue(TimestampTz now, bool *formed)
 	nsources = list_length(sources);
 	if (nsources == ROLLUP_FORM_LIMIT)
 		sources = whole_groups(sources);
-	if (nsources > 0)
+	nrolled = list_length(sources);
+	if (sources != NIL)
 	{
 		forming = true;
 		PG_TRY();
@@ -265,12 +272,12 @@ RollupFormDue(TimestampTz now, bool *formed)
 	MemoryContextSwitchTo(old);
 	oldest = StoreRollupOldestWindow();
 	DeliveryStoreCommit();
-	MemoryContextDelete(cxt);
+	MemoryContextReset(cxt);
 
 	if (nrollups > 0)
 		ereport(DEBUG1,
 				(errmsg_internal("stripe_meter worker rolled up %d events into %d events",
-								 nsources, nrollups)));
+								 nrolled, nrollups)));
 	*formed = (nrollups > 0);
 	if (nsources >= ROLLUP_FORM_LIMIT)
 		return now;				/* more are due */
