@@ -67,6 +67,12 @@ meter_keys(const EnqueueMeter *meter, char **customer_key, char **value_key)
 }
 
 /*
+ * True while stripe_meter_retry_failed() moves a failed event back: its
+ * identifier was in failed_events, so it may have the rollups' form.
+ */
+static bool requeueing_failed = false;
+
+/*
  * Refuse an identifier that is queued, delivered or failed already.
  *
  * Stripe would answer a repeat within its window with "An event already
@@ -223,7 +229,8 @@ EnqueueOutboxRow(Relation rel, HeapTuple tuple)
 	if (!identifier_generated)
 	{
 		check_identifier_unused(event.identifier);
-		RollupCheckIdentifier(event.identifier);
+		if (!requeueing_failed)
+			RollupCheckIdentifier(event.identifier);
 	}
 
 	cols[0] = att_identifier;
@@ -475,7 +482,20 @@ column_as_timestamptz(HeapTuple tuple, TupleDesc desc, int attnum, const char *c
 static void
 retry_one(const char *identifier, bool history)
 {
-	if (!StoreOutboxRequeueFailed(identifier, history))
+	bool		found;
+
+	/* a failed rollup comes back under its own identifier, as any event */
+	requeueing_failed = true;
+	PG_TRY();
+	{
+		found = StoreOutboxRequeueFailed(identifier, history);
+	}
+	PG_FINALLY();
+	{
+		requeueing_failed = false;
+	}
+	PG_END_TRY();
+	if (!found)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("no failed meter event has identifier \"%s\"", identifier)));

@@ -181,6 +181,17 @@ wait_for($node, q{SELECT f.reason FROM stripe_meter.failed_events f
 	'a rollup older than 35 days fails unsent');
 is(scalar(grep { ($_->{payload}{stripe_customer_id} // '') eq 'cus_old' } @{ $mock->events }), 0,
 	'and Stripe never got it');
+# A failed rollup is queued again like any failed event, by a role allowed
+# to retry but not to write stripe_meter.rollups: its identifier does not
+# stop it (this one is then refused as too old, as any event would be).
+$node->safe_psql('postgres',
+	q{GRANT EXECUTE ON FUNCTION stripe_meter_retry_failed(text, boolean) TO app});
+my $old_rollup = $node->safe_psql('postgres',
+	q{SELECT rollup_identifier FROM stripe_meter.meter_events WHERE identifier = 'old-1'});
+my ($retry_rc, $retry_out, $retry_err) = $node->psql('postgres',
+	qq{SELECT stripe_meter_retry_failed('$old_rollup')}, extra_params => [ '-U', 'app' ]);
+like($retry_err, qr/is more than 35 days in the past/, 'retrying a failed rollup checks it as any event');
+unlike($retry_err, qr/reserved for rollups/, 'its identifier is not refused');
 
 # An open window: counted apart, not sent.
 $node->safe_psql('postgres', q{
