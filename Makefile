@@ -64,7 +64,7 @@ PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initi
 
 # pg_regress runs in its own throwaway instance that does not preload the
 # library, so no worker touches the rows the SQL tests look at.
-REGRESS = install event_create multibyte validation rollback outbox_insert event_trigger meters retry_failed privileges status reinstall retry_failed_notice trigger_numeric_nan meters_bracket_keys trigger_instead_of api_version lifecycle
+REGRESS = install event_create multibyte validation rollback outbox_insert event_trigger meters retry_failed privileges status reinstall retry_failed_notice trigger_numeric_nan meters_bracket_keys trigger_instead_of api_version lifecycle rollup_window
 REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=test/regress.conf --encoding=UTF8
 
 TAP_TESTS = 1
