@@ -249,7 +249,7 @@ RollupFormDue(TimestampTz now, bool *formed)
 									ALLOCSET_DEFAULT_SIZES);
 	MemoryContextReset(cxt);
 
-	WorkerBegin(false);
+	WorkerBegin(true);
 	old = MemoryContextSwitchTo(cxt);
 	sources = StoreRollupDueSources(closed_by, ROLLUP_FORM_LIMIT, cxt);
 	nsources = list_length(sources);

@@ -63,6 +63,8 @@
 #define REPAIR_RETRY_MS		1000	/* retry repairing rows another session locks */
 #define WORKER_LOCK_TIMEOUT "50"	/* ms: the longest the worker waits for a lock */
 
+static bool extension_dropped(void);
+
 static TimestampTz next_purge_at = 0;
 static TimestampTz next_rollup_at = 0;	/* when to look for closed windows */
 static bool extension_absent = false;	/* exit frees the slot for good */
@@ -185,6 +187,9 @@ rollup_if_due(TimestampTz now)
 		edata = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
+		/* DROP EXTENSION met mid-pass: the main loop stops, saying so */
+		if (extension_dropped())
+			ReThrowError(edata);
 		snprintf(text, sizeof(text), "could not roll up meter events: %s", edata->message);
 		StripeMeterSetLastError(MyDatabaseId, text);
 		if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
@@ -249,6 +254,28 @@ extension_dropped(void)
 	gone = !OidIsValid(get_extension_oid("stripe_meter", true));
 	CommitTransactionCommand();
 	return gone;
+}
+
+/*
+ * A statement found one of the extension's tables gone, yet the extension
+ * is still there: DROP EXTENSION may be on its way.  Look again for a
+ * moment before taking the error for a failure (which restarts the worker).
+ */
+static bool
+extension_dropped_soon(void)
+{
+	int			i;
+
+	for (i = 0; i < 10; i++)
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 50, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		if (extension_dropped())
+			return true;
+	}
+	return false;
 }
 
 /*
@@ -449,7 +476,8 @@ StripeMeterWorkerMain(Datum main_arg)
 			edata = CopyErrorData();
 			FlushErrorState();
 			AbortCurrentTransaction();
-			if (extension_dropped())
+			if (extension_dropped() ||
+				(edata->sqlerrcode == ERRCODE_UNDEFINED_TABLE && extension_dropped_soon()))
 			{
 				ereport(LOG,
 						(errmsg("stripe_meter worker is stopping: the extension was dropped from this database")));
