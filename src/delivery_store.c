@@ -218,6 +218,10 @@ set_walk_from(const char *customer, const char *event_name, const char *account)
  * each that room() allows (at most CLAIM_PER_KEY), up to limit in all.
  * Appends their ids to ids; returns false when the walk reached the last
  * key.
+ *
+ * The walk is read through a cursor, a few keys at a time, and stops as
+ * soon as limit events are chosen: each key costs index probes, and keys
+ * read but not used would be read again by the next claim.
  */
 static bool
 choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
@@ -225,9 +229,9 @@ choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
 {
 	static SPIPlanPtr walk_plan = NULL;
 	Datum		args[6];
-	int			rc;
-	uint64		i;
-	uint64		nkeys;
+	Portal		portal;
+	int			walked = 0;
+	bool		more = true;
 
 	if (walk_plan == NULL)
 		walk_plan = SpiPrepareSaved(
@@ -270,35 +274,53 @@ choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
 	args[3] = Int32GetDatum(max_keys);
 	args[4] = Int32GetDatum(CLAIM_PER_KEY);
 	args[5] = TimestampTzGetDatum(now);
-	rc = SPI_execute_plan(walk_plan, args, NULL, true, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not look for due meter events: %s", SPI_result_code_string(rc));
-	nkeys = SPI_processed;
+	portal = SPI_cursor_open(NULL, walk_plan, args, NULL, true);
 
-	for (i = 0; i < nkeys && *nids < limit; i++)
+	while (*nids < limit && more)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		char	   *customer = SPI_getvalue(tup, desc, 1);
-		char	   *event_name = SPI_getvalue(tup, desc, 2);
-		char	   *account = SPI_getvalue(tup, desc, 3);
-		bool		isnull;
-		ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(tup, desc, 4, &isnull));
-		Datum	   *elems;
-		int			nelems;
-		int			take;
-		int			j;
+		/* enough keys for what is still wanted, if each gives its most */
+		int			fetch = Min((limit - *nids + CLAIM_PER_KEY - 1) / CLAIM_PER_KEY,
+								max_keys - walked);
+		uint64		i;
 
-		deconstruct_array(arr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
-						  &elems, NULL, &nelems);
-		take = nelems == 0 ? 0 :
-			room(DeliveryBusyKey(account[0] ? account : NULL, event_name, customer),
-				 nelems >= CLAIM_PER_KEY);
-		for (j = 0; j < Min(take, nelems) && *nids < limit; j++)
-			ids[(*nids)++] = DatumGetInt64(elems[j]);
-		set_walk_from(customer, event_name, account);
+		SPI_cursor_fetch(portal, true, fetch);
+		walked += (int) SPI_processed;
+		for (i = 0; i < SPI_processed && *nids < limit; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			char	   *customer = SPI_getvalue(tup, desc, 1);
+			char	   *event_name = SPI_getvalue(tup, desc, 2);
+			char	   *account = SPI_getvalue(tup, desc, 3);
+			bool		isnull;
+			ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(tup, desc, 4, &isnull));
+			Datum	   *elems;
+			int			nelems;
+			int			take;
+			int			j;
+
+			deconstruct_array(arr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
+							  &elems, NULL, &nelems);
+			take = nelems == 0 ? 0 :
+				room(DeliveryBusyKey(account[0] ? account : NULL, event_name, customer),
+					 nelems >= CLAIM_PER_KEY);
+			for (j = 0; j < Min(take, nelems) && *nids < limit; j++)
+				ids[(*nids)++] = DatumGetInt64(elems[j]);
+			set_walk_from(customer, event_name, account);
+		}
+		/* fewer keys than asked for, all of them used: that was the last */
+		if (SPI_processed < (uint64) fetch && i == SPI_processed)
+			more = false;
+		SPI_freetuptable(SPI_tuptable);
+		if (more && walked >= max_keys)
+		{
+			/* as far as one claim walks: the next goes on from here */
+			SPI_cursor_close(portal);
+			return true;
+		}
 	}
-	if (nkeys < (uint64) max_keys && i == nkeys)
+	SPI_cursor_close(portal);
+	if (!more)
 	{
 		/* the last key was reached: the next walk starts at the first */
 		set_walk_from("", "", "");
