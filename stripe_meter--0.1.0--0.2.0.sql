@@ -274,54 +274,6 @@ REVOKE ALL ON FUNCTION stripe_meter.worker_state() FROM PUBLIC;
 COMMENT ON FUNCTION stripe_meter.worker_state() IS
 	'The delivery worker''s shared state; stream_accounts: Stripe accounts whose API v2 session state it holds';
 
--- What an operator watches: queue, deliveries, failures, the worker's state,
--- and what happened after delivery.  delivered, delivered_last_minute and
--- not_billed come from the counters above and never read meter_events.
--- pending, in_flight and oldest_pending_age still count the outbox, and
--- failed counts failed_events: both stay small (the outbox is emptied as
--- fast as Stripe accepts, failed events wait for a person), and a counter
--- on the outbox would make every enqueueing transaction update one row.
-CREATE VIEW stripe_meter.status AS
-SELECT
-	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
-	  WHERE o.in_flight_since IS NULL) AS pending,
-	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
-	  WHERE o.in_flight_since IS NOT NULL) AS in_flight,
-	(SELECT COALESCE(pg_catalog.sum(c.delivered), 0)::bigint
-	   FROM stripe_meter.counters c) AS delivered,
-	(SELECT pg_catalog.count(*) FROM stripe_meter.failed_events) AS failed,
-	pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
-		(SELECT o.enqueued_at FROM stripe_meter.outbox o ORDER BY o.id LIMIT 1)
-		AS oldest_pending_age,
-	w.paused,
-	w.last_error,
-	(SELECT COALESCE(pg_catalog.sum(s.delivered), 0)::bigint
-	   FROM stripe_meter.delivered_seconds s
-	  WHERE s.second OPERATOR(pg_catalog.>)
-			(pg_catalog.now() OPERATOR(pg_catalog.-) interval '1 minute'))
-		AS delivered_last_minute,
-	w.worker_pid,
-	(SELECT COALESCE(pg_catalog.sum(c.not_billed), 0)::bigint
-	   FROM stripe_meter.counters c) AS not_billed,
-	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
-	  WHERE a.status IN ('awaiting_delivery', 'queued')) AS cancels_pending,
-	(SELECT pg_catalog.count(*) FROM stripe_meter.adjustments a
-	  WHERE a.status OPERATOR(pg_catalog.=) 'failed') AS cancels_failed,
-	(SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
-				'stripe_account', p.stripe_account, 'reason', p.reason,
-				'http_status', p.http_status, 'paused_at', p.paused_at,
-				'next_try_at', p.next_try_at) ORDER BY p.stripe_account)
-	   FROM stripe_meter.paused_accounts p) AS paused_accounts
-FROM stripe_meter.worker_state() w;
-COMMENT ON VIEW stripe_meter.status IS
-	'Queue depth, delivery counts and the delivery worker''s state for this database';
-COMMENT ON COLUMN stripe_meter.status.delivered IS
-	'Events delivered since the extension was installed, including those since purged from meter_events';
-COMMENT ON COLUMN stripe_meter.status.delivered_last_minute IS
-	'Events delivered in the last minute, counted per whole second';
-COMMENT ON COLUMN stripe_meter.status.not_billed IS
-	'Delivered events Stripe reported it will not bill, including those since purged from meter_events';
-
 -- The outbox trigger reads the tables it checks by direct index lookups now,
 -- which need neither the owner's privileges nor a search_path.
 ALTER FUNCTION stripe_meter.outbox_before_insert() SECURITY INVOKER RESET search_path;
@@ -527,9 +479,16 @@ REVOKE ALL ON FUNCTION @extschema@.stripe_meter_set_rollup_window(text, interval
 COMMENT ON FUNCTION @extschema@.stripe_meter_set_rollup_window(text, interval) IS
 	'Rolls up the events of a sum or last meter queued from now on, per customer, dimension values and window of this length (NULL: send each event by itself)';
 
--- The status view counts the events waiting in open windows apart from
--- those waiting to be sent.
-CREATE OR REPLACE VIEW stripe_meter.status AS
+-- What an operator watches: queue, deliveries, failures, the worker's state,
+-- and what happened after delivery.  delivered, delivered_last_minute and
+-- not_billed come from the counters above and never read meter_events.
+-- pending, in_flight and oldest_pending_age still count the outbox, and
+-- failed counts failed_events: both stay small (the outbox is emptied as
+-- fast as Stripe accepts, failed events wait for a person), and a counter
+-- on the outbox would make every enqueueing transaction update one row.
+-- Events waiting in open rollup windows are counted apart from those
+-- waiting to be sent.
+CREATE VIEW stripe_meter.status AS
 SELECT
 	(SELECT pg_catalog.count(*) FROM stripe_meter.outbox o
 	  WHERE o.in_flight_since IS NULL AND o.rollup_window_end IS NULL) AS pending,
@@ -565,6 +524,14 @@ SELECT
 	(SELECT pg_catalog.min(o.rollup_window_end) FROM stripe_meter.outbox o
 	  WHERE o.rollup_window_end IS NOT NULL) AS rollup_oldest_window_end
 FROM stripe_meter.worker_state() w;
+COMMENT ON VIEW stripe_meter.status IS
+	'Queue depth, delivery counts and the delivery worker''s state for this database';
+COMMENT ON COLUMN stripe_meter.status.delivered IS
+	'Events delivered since the extension was installed, including those since purged from meter_events';
+COMMENT ON COLUMN stripe_meter.status.delivered_last_minute IS
+	'Events delivered in the last minute, counted per whole second';
+COMMENT ON COLUMN stripe_meter.status.not_billed IS
+	'Delivered events Stripe reported it will not bill, including those since purged from meter_events';
 COMMENT ON COLUMN stripe_meter.status.pending IS
 	'Events waiting to be sent, not counting those waiting in an open rollup window';
 COMMENT ON COLUMN stripe_meter.status.rollup_waiting IS
