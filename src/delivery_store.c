@@ -225,7 +225,7 @@ set_walk_from(const char *customer, const char *event_name, const char *account)
  */
 static bool
 choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
-		   int64 *ids, int *nids)
+		   int64 *ids, int *nids, int64 *send_ids, int *nsend)
 {
 	static SPIPlanPtr walk_plan = NULL;
 	Datum		args[6];
@@ -296,16 +296,23 @@ choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
 			ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(tup, desc, 4, &isnull));
 			Datum	   *elems;
 			int			nelems;
-			int			take;
+			int			take = 0;
+			bool		send_now = false;
 			int			j;
 
 			deconstruct_array(arr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
 							  &elems, NULL, &nelems);
-			take = nelems == 0 ? 0 :
-				room(DeliveryBusyKey(account[0] ? account : NULL, event_name, customer),
-					 nelems >= CLAIM_PER_KEY);
+			if (nelems > 0)
+				take = room(DeliveryBusyKey(account[0] ? account : NULL, event_name, customer),
+							account[0] ? account : NULL, nelems >= CLAIM_PER_KEY,
+							&send_now);
 			for (j = 0; j < Min(take, nelems) && *nids < limit; j++)
+			{
+				/* the key's first, the one that goes before the others */
+				if (j == 0 && send_now)
+					send_ids[(*nsend)++] = DatumGetInt64(elems[j]);
 				ids[(*nids)++] = DatumGetInt64(elems[j]);
+			}
 			set_walk_from(customer, event_name, account);
 		}
 		/* fewer keys than asked for, all of them used: that was the last */
@@ -340,21 +347,26 @@ choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
  * from being claimed.  Within a key, events go in the order they fell
  * due.
  *
- * The claim marks them in flight and counts the attempt.  The events and
- * what their rows hold (strings, payload) are allocated in batch->cxt and
- * appended to the list claimed; the request itself is the sender's to
- * build.  Returns how many.
+ * The claim marks them in flight and counts the attempt.  The first event
+ * of each key that room() says may go out at once is also marked sent
+ * (e->marked_by_claim), so that sending it needs no transaction of its
+ * own; such events come first in the list.  The events and what their
+ * rows hold (strings, payload) are allocated in batch->cxt and appended to
+ * the list claimed; the request itself is the sender's to build.  Returns
+ * how many.
  */
 int
 DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
 				   dlist_head *claimed)
 {
 	int64	   *ids = palloc(sizeof(int64) * limit);
+	int64	   *send_ids = palloc(sizeof(int64) * limit);
 	int			nids = 0;
+	int			nsend = 0;
 	int			max_keys = limit * 2;
 	TimestampTz now = GetCurrentTimestamp();
 	bool		from_start = (walk_from[0] == NULL || walk_from[0][0] == '\0');
-	Datum		idarr;
+	Datum		args[2];
 	Datum	   *d;
 	int			rc;
 	int			i;
@@ -362,9 +374,9 @@ DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
 	MemoryContext old;
 
 	/* a walk that ends early goes round once more, from the first key */
-	if (!choose_due(limit, max_keys, now, room, ids, &nids) &&
+	if (!choose_due(limit, max_keys, now, room, ids, &nids, send_ids, &nsend) &&
 		!from_start && nids < limit)
-		(void) choose_due(limit, max_keys, now, room, ids, &nids);
+		(void) choose_due(limit, max_keys, now, room, ids, &nids, send_ids, &nsend);
 	if (nids == 0)
 		return 0;
 
@@ -373,7 +385,8 @@ DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
 								"WITH c AS ("
 								" UPDATE stripe_meter.outbox o"
 								"    SET in_flight_since = pg_catalog.now(),"
-								"        sent_at = NULL,"
+								"        sent_at = CASE WHEN o.id = ANY ($2::bigint[])"
+								"                  THEN pg_catalog.now() END,"
 								"        attempts = o.attempts + 1,"
 								"        first_attempt_at = COALESCE(o.first_attempt_at, pg_catalog.now())"
 								"  WHERE o.id IN (SELECT id FROM stripe_meter.outbox"
@@ -385,14 +398,18 @@ DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
 								"   COALESCE(o.value_payload_key,"
 								"            (SELECT m.value_payload_key FROM stripe_meter.meters m"
 								"              WHERE m.event_name = o.event_name), 'value'),"
-								"   o.canonical_value, o.legacy_idempotency_key, o.next_attempt_at)"
-								" SELECT * FROM c ORDER BY next_attempt_at, id",
-								1, (Oid[]) {INT8ARRAYOID});
+								"   o.canonical_value, o.legacy_idempotency_key, o.next_attempt_at,"
+								"   o.sent_at IS NOT NULL AS marked)"
+								" SELECT * FROM c ORDER BY marked DESC, next_attempt_at, id",
+								2, (Oid[]) {INT8ARRAYOID, INT8ARRAYOID});
 
 	d = palloc(sizeof(Datum) * nids);
 	for (i = 0; i < nids; i++)
 		d[i] = Int64GetDatum(ids[i]);
-	idarr = PointerGetDatum(int8_array(d, nids));
+	args[0] = PointerGetDatum(int8_array(d, nids));
+	for (i = 0; i < nsend; i++)
+		d[i] = Int64GetDatum(send_ids[i]);
+	args[1] = PointerGetDatum(int8_array(d, nsend));
 
 	/*
 	 * The claim must be on disk before any of its events is sent, whatever
@@ -402,7 +419,7 @@ DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
 	 */
 	(void) set_config_option("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_LOCAL, true, 0, false);
-	rc = SPI_execute_plan(claim_plan, &idarr, NULL, false, 0);
+	rc = SPI_execute_plan(claim_plan, args, NULL, false, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "could not claim meter events: %s", SPI_result_code_string(rc));
 
@@ -437,6 +454,7 @@ DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
 		e->value_key = SPI_getvalue(tup, desc, 10);
 		e->canonical_value = SPI_getvalue(tup, desc, 11);
 		e->legacy_idempotency_key = DatumGetBool(SPI_getbinval(tup, desc, 12, &isnull));
+		e->marked_by_claim = DatumGetBool(SPI_getbinval(tup, desc, 14, &isnull));
 		e->busy_key = DeliveryBusyKey(e->stripe_account, e->event_name, e->customer);
 
 		dlist_push_tail(claimed, &e->node);
@@ -673,7 +691,8 @@ DeliveryStoreRecord(ClaimedEvent **events, int n, int *deferred)
 	bool	   *r_statusn,
 			   *r_reasonn;
 	Datum	   *l_id,
-			   *l_next;
+			   *l_next,
+			   *l_sent;
 	bool	   *l_nextn;
 	int			rc;
 
@@ -711,6 +730,7 @@ DeliveryStoreRecord(ClaimedEvent **events, int n, int *deferred)
 	l_id = palloc(sizeof(Datum) * n);
 	l_next = palloc(sizeof(Datum) * n);
 	l_nextn = palloc(sizeof(bool) * n);
+	l_sent = palloc(sizeof(Datum) * n);
 
 	for (i = 0; i < n; i++)
 	{
@@ -755,6 +775,7 @@ DeliveryStoreRecord(ClaimedEvent **events, int n, int *deferred)
 				l_id[nl] = Int64GetDatum(e->id);
 				l_next[nl] = TimestampTzGetDatum(o->not_before);
 				l_nextn[nl] = (o->not_before == 0);
+				l_sent[nl] = BoolGetDatum(e->sent);
 				nl++;
 				break;
 		}
@@ -881,39 +902,43 @@ DeliveryStoreRecord(ClaimedEvent **events, int n, int *deferred)
 
 	if (nl > 0)
 	{
-		Datum		args[2];
+		Datum		args[3];
 
 		if (release_plan == NULL)
 		{
-			Oid			types[2] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID};
+			Oid			types[3] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID, BOOLARRAYOID};
 
 			/*
 			 * never sent: undo the claim's attempt count, and its
 			 * first_attempt_at if this claim set it (a retried failed event
 			 * keeps the one of its earlier life); due again as before, or
-			 * later when its account is paused.  (One marked sent is never
-			 * released; should it be, its outcome is unknown.)
+			 * later when its account is paused.  A row the claim marked sent
+			 * whose event this worker never handed to the network (r.sent
+			 * false) was never sent either.  (One handed to the network is
+			 * never released; should it be, its outcome is unknown.)
 			 */
 			release_plan = SpiPrepareSaved(
 									  "UPDATE stripe_meter.outbox o"
 									  "   SET in_flight_since = NULL,"
 									  "       sent_at = NULL,"
-									  "       unknown_outcome_since = CASE WHEN o.sent_at IS NULL"
+									  "       unknown_outcome_since = CASE WHEN o.sent_at IS NULL OR NOT r.sent"
 									  "         THEN o.unknown_outcome_since"
 									  "         ELSE COALESCE(o.unknown_outcome_since, o.sent_at) END,"
-									  "       attempts = CASE WHEN o.sent_at IS NULL"
+									  "       attempts = CASE WHEN o.sent_at IS NULL OR NOT r.sent"
 									  "         THEN o.attempts - 1 ELSE o.attempts END,"
-									  "       first_attempt_at = CASE WHEN o.sent_at IS NULL"
+									  "       first_attempt_at = CASE WHEN (o.sent_at IS NULL OR NOT r.sent)"
 									  "                               AND o.first_attempt_at = o.in_flight_since"
 									  "         THEN NULL ELSE o.first_attempt_at END,"
 									  "       next_attempt_at = COALESCE(r.next_at, o.next_attempt_at)"
-									  "  FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::timestamptz[]))"
-									  "       AS r(id, next_at)"
+									  "  FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::timestamptz[]),"
+									  "                 pg_catalog.unnest($3::bool[]))"
+									  "       AS r(id, next_at, sent)"
 									  " WHERE o.id = r.id",
-									  2, types);
+									  3, types);
 		}
 		args[0] = PointerGetDatum(int8_array(l_id, nl));
 		args[1] = PointerGetDatum(simple_array(l_next, l_nextn, nl, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+		args[2] = PointerGetDatum(simple_array(l_sent, NULL, nl, BOOLOID, 1, true, TYPALIGN_CHAR));
 		rc = SPI_execute_plan(release_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_UPDATE)
 			elog(ERROR, "could not release meter events: %s", SPI_result_code_string(rc));

@@ -242,6 +242,17 @@ PauseRefused(const char *account, const DeliveryOutcome *o)
 }
 
 /*
+ * PauseAccountIsPaused
+ *		Whether delivery is paused for this account (NULL: the key's own,
+ *		which is never paused alone).
+ */
+bool
+PauseAccountIsPaused(const char *account)
+{
+	return account_paused(account) != NULL;
+}
+
+/*
  * PauseAccountMaySend
  *		May an event of this account go out now?  When its account is
  *		paused and due to be tried, it may, as the probe (*probe set; an

@@ -139,17 +139,10 @@ current_rate(AccountBucket *b)
 	return limit;
 }
 
-/*
- * RateLimiterTake
- *		Take a token to send one request for this account (NULL: the key's
- *		own); when none is left, return false and say in *wait_ms when the
- *		next one comes.  The bucket holds a twentieth of a second's worth,
- *		so a burst stays small.
- */
-bool
-RateLimiterTake(const char *account, TimestampTz now, long *wait_ms)
+/* refill b for the time since it was last refilled; returns its rate */
+static double
+refill(AccountBucket *b, TimestampTz now)
 {
-	AccountBucket *b = bucket_for(account, now);
 	double		rate = current_rate(b);
 	double		burst;
 
@@ -165,6 +158,25 @@ RateLimiterTake(const char *account, TimestampTz now, long *wait_ms)
 		else
 			b->tokens = burst;
 		b->refilled_at = now;
+	}
+	return rate;
+}
+
+/*
+ * RateLimiterTake
+ *		Take a token to send one request for this account (NULL: the key's
+ *		own); when none is left, return false and say in *wait_ms when the
+ *		next one comes.  The bucket holds a twentieth of a second's worth,
+ *		so a burst stays small.
+ */
+bool
+RateLimiterTake(const char *account, TimestampTz now, long *wait_ms)
+{
+	AccountBucket *b = bucket_for(account, now);
+	double		rate = refill(b, now);
+
+	if (rate > 0)
+	{
 		if (b->tokens < 1.0)
 		{
 			*wait_ms = (long) ((1.0 - b->tokens) / rate * 1000.0) + 1;
@@ -174,6 +186,19 @@ RateLimiterTake(const char *account, TimestampTz now, long *wait_ms)
 	}
 	b->sent_this_second++;
 	return true;
+}
+
+/*
+ * RateLimiterHasTokens
+ *		Whether n requests for this account could be sent now, without
+ *		taking their tokens.
+ */
+bool
+RateLimiterHasTokens(const char *account, TimestampTz now, int n)
+{
+	AccountBucket *b = bucket_for(account, now);
+
+	return refill(b, now) == 0 || b->tokens >= (double) n;
 }
 
 /*

@@ -113,15 +113,40 @@ busy_key_entry(uint64 key)
 }
 
 /*
+ * How many events the claim under way may still mark sent itself, and how
+ * many it has: see claim_room().
+ */
+static int	send_now_room = 0;
+static int	send_now_taken = 0;
+static TimestampTz claim_started_at = 0;
+
+/*
  * The claim asks how many more events of a key it may take: a few per key,
  * so that one customer's backlog never fills the worker's memory.
+ *
+ * It also asks whether the key's first event will go on the wire as soon as
+ * the claim commits: its key free, the sender with a place for it, and its
+ * account neither paused nor out of tokens.  The claim marks such an event
+ * sent itself, which saves the sent mark's own durable transaction.  An
+ * event so marked that still does not go out (a pause after the claim) is
+ * released as never sent; only a crash in between would count it as sent,
+ * which costs a replayed resend and nothing else.
  */
 static int
-claim_room(uint64 key, bool more)
+claim_room(uint64 key, const char *account, bool more, bool *send_now)
 {
 	BusyKey    *bk = hash_search(busy_keys, &key, HASH_FIND, NULL);
 	int			room;
 
+	*send_now = false;
+	if ((bk == NULL || bk->held == 0) && send_now_taken < send_now_room &&
+		!PauseAccountIsPaused(account) &&
+		RateLimiterHasTokens(account, claim_started_at,
+							 (int) dclist_count(&ready) + send_now_taken + 1))
+	{
+		*send_now = true;
+		send_now_taken++;
+	}
 	if (bk == NULL && !more)
 		return CLAIM_PER_KEY;
 	if (bk == NULL)
@@ -298,10 +323,11 @@ drop_event(ClaimedEvent *e)
 
 /*
  * Mark the events about to go out as sent, in one durable transaction,
- * before any of them is on the wire.  The ones not marked (a session holds
- * their row: see DeliveryStoreMarkSent) and the ones that may no longer be
- * sent are dropped, their keys freed; the others have e->sent set.
- * Returns how many may go.
+ * before any of them is on the wire; the ones the claim marked already
+ * (see claim_room) need none.  The ones not marked (a session holds their
+ * row: see DeliveryStoreMarkSent) and the ones that may no longer be sent
+ * are dropped, their keys freed; the others have e->sent set.  Returns how
+ * many may go.
  */
 static int
 mark_sending(ClaimedEvent **events, int n)
@@ -329,9 +355,28 @@ mark_sending(ClaimedEvent **events, int n)
 	}
 	if (nsend == 0)
 		return 0;
-	WorkerBegin(false);
-	(void) DeliveryStoreMarkSent(events, nsend);
-	DeliveryStoreCommit();
+
+	/* the ones the claim marked need no transaction */
+	n = 0;
+	for (i = 0; i < nsend; i++)
+	{
+		events[i]->sent = events[i]->marked_by_claim;
+		if (!events[i]->sent)
+			n++;
+	}
+	if (n > 0)
+	{
+		ClaimedEvent **unmarked = palloc(sizeof(ClaimedEvent *) * n);
+
+		n = 0;
+		for (i = 0; i < nsend; i++)
+			if (!events[i]->sent)
+				unmarked[n++] = events[i];
+		WorkerBegin(false);
+		(void) DeliveryStoreMarkSent(unmarked, n);
+		DeliveryStoreCommit();
+		pfree(unmarked);
+	}
 
 	n = nsend;
 	nsend = 0;
@@ -576,6 +621,11 @@ claim_more(void)
 	WorkerBegin(true);
 	PauseAccountsLoad();
 	dlist_init(&claimed);
+	/* the ready events go out first; while Stripe does not answer, none */
+	claim_started_at = GetCurrentTimestamp();
+	send_now_taken = 0;
+	send_now_room = UnreachableProbing() ? 0 :
+		sender->room_now() - (int) dclist_count(&ready);
 	got = DeliveryStoreClaim(want, claim_room, batch, &claimed);
 
 	/*

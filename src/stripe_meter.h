@@ -113,6 +113,7 @@ extern int	StripeMeterEffectiveRateLimit(void);
 /* ---- in rate_limiter.c: one token bucket per Stripe account ---- */
 extern void RateLimiterInit(MemoryContext cxt);
 extern bool RateLimiterTake(const char *account, TimestampTz now, long *wait_ms);
+extern bool RateLimiterHasTokens(const char *account, TimestampTz now, int n);
 extern void RateLimiterAnswer(const char *account, bool rate_limited);
 extern void RateLimiterTick(TimestampTz now);
 
@@ -323,6 +324,7 @@ typedef struct ClaimedEvent
 	char	   *idempotency_key;	/* NULL when the sender sends none */
 	TimestampTz next_attempt_at;	/* retried or paused: due again then */
 	bool		sent;			/* handed to the network by this worker */
+	bool		marked_by_claim;	/* the claim marked its row sent */
 	bool		probe;			/* the one trial of its paused account */
 	bool		reach_probe;	/* the one trial while Stripe does not answer */
 	bool		v2_solo;		/* v2: send in a request of its own */
@@ -345,6 +347,7 @@ extern const char *PauseReason(void);
 extern void PauseDelivery(const char *reason);
 extern void PauseForSettings(void);
 extern TimestampTz PauseRefused(const char *account, const DeliveryOutcome *o);
+extern bool PauseAccountIsPaused(const char *account);
 extern bool PauseAccountMaySend(const char *account, TimestampTz now,
 								TimestampTz *not_before, bool *probe);
 extern bool PauseAccountAnswered(const char *account, DeliveryVerdict verdict);
@@ -401,6 +404,12 @@ typedef struct Sender
 	void		(*encode) (ClaimedEvent *e);
 	char	   *(*destination) (void);	/* where it sends, for the log */
 	bool		(*has_room) (void);
+
+	/*
+	 * how many more events the next flush could put on the wire at once (0
+	 * when it cannot say): the claim marks that many sent itself
+	 */
+	int			(*room_now) (void);
 	SenderTake	(*add) (ClaimedEvent *e, TimestampTz now, long *wait_ms);
 	long		(*flush) (void);	/* ms until held-back events may go, or -1 */
 	int			(*unsent) (void);
@@ -557,8 +566,13 @@ extern bool DeliveryStoreBegin(void);
 extern void DeliveryStoreCommit(void);
 extern bool DeliveryStoreExtensionVersion(char *buf, size_t size);
 extern int64 DeliveryStoreRepair(TimestampTz claimed_before);
-/* how many more events of this busy key may be claimed; more: it has more due */
-typedef int (*ClaimRoomFunc) (uint64 busy_key, bool more);
+/*
+ * How many more events of this busy key may be claimed; more: it has more
+ * due.  Sets *send_now when its first may go on the wire as soon as the
+ * claim commits: the claim then marks it sent itself.
+ */
+typedef int (*ClaimRoomFunc) (uint64 busy_key, const char *account, bool more,
+							  bool *send_now);
 #define CLAIM_PER_KEY 2			/* events held per (account, meter, customer) */
 extern uint64 DeliveryBusyKey(const char *account, const char *event_name,
 							  const char *customer);

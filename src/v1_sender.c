@@ -67,6 +67,14 @@ v1_has_room(void)
 		stripe_meter_max_in_flight;
 }
 
+/* the requests the next flush may start */
+static int
+v1_room_now(void)
+{
+	return Max(stripe_meter_max_in_flight - StripeClientInFlight() -
+			   (int) dclist_count(&pending), 0);
+}
+
 static SenderTake
 v1_add(ClaimedEvent *e, TimestampTz now, long *wait_ms)
 {
@@ -180,6 +188,7 @@ const Sender V1Sender = {
 	.encode = v1_encode,
 	.destination = v1_destination,
 	.has_room = v1_has_room,
+	.room_now = v1_room_now,
 	.add = v1_add,
 	.flush = v1_flush,
 	.unsent = v1_unsent,

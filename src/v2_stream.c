@@ -330,6 +330,16 @@ v2_destination(void)
 	return psprintf("the meter event stream at %s (API v2)", stripe_meter_stream_url);
 }
 
+/*
+ * Events wait in a batch, and for a session, before they go: the claim
+ * cannot tell which go at once, so the batch is marked when it goes.
+ */
+static int
+v2_room_now(void)
+{
+	return 0;
+}
+
 /* batches wait for their session and token: only the window limits */
 static bool
 v2_has_room(void)
@@ -598,6 +608,7 @@ const Sender V2Sender = {
 	.encode = v2_encode,
 	.destination = v2_destination,
 	.has_room = v2_has_room,
+	.room_now = v2_room_now,
 	.add = v2_add,
 	.flush = v2_flush,
 	.unsent = v2_unsent,
