@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The stripe_meter benchmark: one command, on a fresh Debian 12 machine.
 #
-#   bash bench/run.sh            # full run (about 40 minutes; stopped after 90)
+#   bash bench/run.sh            # full run (about 35 minutes; stopped after 90)
 #   bash bench/run.sh --quick    # smoke run with small counts (about 8 minutes; stopped after 30)
 #
 # Installs what it needs (PostgreSQL 15 and build tools through
