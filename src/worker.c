@@ -355,8 +355,11 @@ delivery_pass(void)
 	/* a purge that found a full batch goes on at once */
 	if (next_purge_at <= now)
 		timeout = 0;
-	/* and windows close on time (rounded up: not a pass too early) */
-	if (timeout != 0)
+	/*
+	 * and windows close on time (rounded up: not a pass too early); while
+	 * paused no pass runs, and the end of the pause wakes the loop
+	 */
+	if (timeout != 0 && PauseReason() == NULL)
 	{
 		long		rollup_wait = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
 																  next_rollup_at) + 1;

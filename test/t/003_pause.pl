@@ -86,6 +86,21 @@ enqueue_n('off', 3);
 is($node->safe_psql('postgres', 'SELECT count(*) FROM stripe_meter.outbox WHERE attempts = 0'),
 	'3', 'events queued while off are not attempted');
 
+# A paused worker sleeps: it wakes for what it has to do (a reload, upkeep),
+# not every millisecond.  Each wait it sleeps in is a voluntary context
+# switch; a loop that spins on a short timeout makes hundreds a second.
+sub sleeps_of
+{
+	my ($pid) = @_;
+	my $status = slurp_file("/proc/$pid/status");
+	return $status =~ /^voluntary_ctxt_switches:\s+(\d+)/m ? $1 : undef;
+}
+my ($paused_pid) = @{ worker_pids($node, 'postgres') };
+my $sleeps_before = sleeps_of($paused_pid);
+sleep 2;
+my $sleeps = sleeps_of($paused_pid) - $sleeps_before;
+cmp_ok($sleeps, '<', 50, "the paused worker woke $sleeps times in 2 seconds");
+
 my $on_at = time;
 set_conf($node, 'stripe_meter.enabled' => 'on');
 wait_for($node, q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE 'off-%'},
