@@ -34,7 +34,7 @@ our @EXPORT = qw(
   start_mock new_node set_conf
   queue_events wait_for wait_mock query_json
   meter_requests requests_for form_pairs form_value
-  worker_pids mock_events_for
+  worker_pids restart_workers mock_events_for
   make_certificates
 );
 
@@ -302,6 +302,34 @@ sub worker_pids
 	my $out = $node->safe_psql('postgres',
 		"SELECT pid FROM pg_stat_activity WHERE $where ORDER BY pid");
 	return [ grep { length } split /\n/, $out ];
+}
+
+=head2 restart_workers($node, $db)
+
+After a setting of $db changed (ALTER DATABASE ... SET): ends the workers
+of $db that may have read the old one, and waits until a worker started
+since is connected.  A worker reads the database's settings once, as it
+connects; one started before the change but not yet shown in
+pg_stat_activity when a plain pg_terminate_backend() ran would keep the
+old setting, so workers are told apart by when they started.
+
+=cut
+
+sub restart_workers
+{
+	my ($node, $db) = @_;
+	my $since = $node->safe_psql('postgres', 'SELECT clock_timestamp()');
+	my $workers = "FROM pg_stat_activity WHERE backend_type = 'stripe_meter worker'"
+	  . " AND datname = '$db'";
+	for (1 .. 1200)
+	{
+		$node->safe_psql('postgres',
+			"SELECT pg_terminate_backend(pid) $workers AND backend_start < '$since'");
+		return if $node->safe_psql('postgres',
+			"SELECT count(*) > 0 $workers AND backend_start >= '$since'") eq 't';
+		sleep 0.1;
+	}
+	croak "restart_workers: no new stripe_meter worker connected to $db";
 }
 
 =head2 make_certificates($dir, [$name, $cn, $san], ...)

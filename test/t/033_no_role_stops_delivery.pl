@@ -101,8 +101,7 @@ is($mock->stats->{identifiers_billed_multiple_times}, 0, 'nothing billed twice')
 
 # --- 3. the claim is durable whatever synchronous_commit says
 $node->safe_psql('postgres', 'ALTER DATABASE postgres SET synchronous_commit = off');
-$node->safe_psql('postgres',
-	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'stripe_meter worker'");
+restart_workers($node, 'postgres');
 wait_for($node,
 	q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'stripe_meter worker'},
 	'1', 'a worker with synchronous_commit off for its database');

@@ -22,8 +22,7 @@ my $node = new_node('accountpause', mock => $mock,
 		'stripe_meter.stream_url' => $mock->url,
 		'stripe_meter.account_retry_interval' => '3600s' });
 $node->safe_psql('postgres', q{ALTER DATABASE v2db SET stripe_meter.api_version = 'v2'});
-$node->safe_psql('postgres',
-	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'stripe_meter worker' AND datname = 'v2db'");
+restart_workers($node, 'v2db');
 
 sub enqueue
 {

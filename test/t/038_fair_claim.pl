@@ -25,8 +25,7 @@ my $node = new_node('fairclaim', mock => $mock,
 		'stripe_meter.max_in_flight' => 8,
 		'stripe_meter.claim_batch_size' => 100 });
 $node->safe_psql('postgres', q{ALTER DATABASE v2db SET stripe_meter.api_version = 'v2'});
-$node->safe_psql('postgres',
-	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'stripe_meter worker' AND datname = 'v2db'");
+restart_workers($node, 'v2db');
 
 for my $db ('postgres', 'v2db')
 {

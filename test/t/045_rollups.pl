@@ -255,8 +255,7 @@ is($node->safe_psql('postgres', qq{
 $node->safe_psql('postgres', 'CREATE DATABASE v2db');
 $node->safe_psql('v2db', 'CREATE EXTENSION stripe_meter');
 $node->safe_psql('postgres', q{ALTER DATABASE v2db SET stripe_meter.api_version = 'v2'});
-$node->safe_psql('postgres', q{SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-	WHERE backend_type = 'stripe_meter worker' AND datname = 'v2db'});
+restart_workers($node, 'v2db');
 $node->safe_psql('v2db', qq{
 	INSERT INTO stripe_meter.meters (event_name, aggregation) VALUES ('v2tokens', 'sum');
 	SELECT stripe_meter_set_rollup_window('v2tokens');
