@@ -1553,13 +1553,13 @@ function report(R) {
     const pgUsMax = plain.length ? Math.max(...plain.map((d) => us(d.pgCpu, d.delivered))) : 0;
     if (pgUsMax > 100) {
       notes.push(`- PostgreSQL CPU per v1 event on plain HTTP/1.1 (up to ${fmt(pgUsMax, 1)} µs): almost all of it is the worker. A profile`
-        + ' of it over TLS + HTTP/2 at 100 ms (perf with DWARF call graphs and pg_stat_statements, 20,000 events, 512 in flight)'
-        + ' put about 54 % in SQL, about 140 µs per event: the fair claim\'s walk over the keys with events waiting (about 40 µs),'
-        + ' the claim\'s UPDATE (about 36 µs), the durable sent mark before the first byte goes out (about 17 µs) and the record'
-        + ' (about 43 µs, the outbox DELETE and the meter_events INSERT); and about 44 % in libcurl\'s socket handling'
-        + ' (curl_multi_socket_action: libcurl itself about half, nghttp2 and TLS the rest). With API v2 (up to 100 events per'
-        + ' request) the CPU per event is almost all that SQL. doc/performance.md compares it with the run before the fair,'
-        + ' durable claim.');
+        + ' of it over TLS + HTTP/2 at 100 ms (perf with DWARF call graphs and pg_stat_statements, 40,000 events for 5,000 customers,'
+        + ' 512 in flight) put about 47 % in libcurl\'s socket handling (curl_multi_socket_action: libcurl itself about half,'
+        + ' nghttp2, TLS and malloc the rest) and about 43 % in SQL: the record (about 17 %: the outbox DELETE and the meter_events'
+        + ' INSERT), the claim (about 16 %, of which the walk over the keys with events waiting 5 %) and the durable sent marks'
+        + ' (about 8 %: in a backlog the events waiting behind a busy key or a full window are marked when they go; an event'
+        + ' that goes out as soon as it is claimed is marked by the claim). With API v2 (up to 100 events per request) the CPU'
+        + ' per event is almost all that SQL. doc/performance.md has the figures before and after.');
     }
   }
   if (R.latency && R.latency.busy.rate < 0.95 * P.loadRate) {
