@@ -50,6 +50,7 @@ static SPIPlanPtr retry_plan = NULL;
 static SPIPlanPtr release_plan = NULL;
 
 static ArrayType *int8_array(Datum *values, int n);
+static ArrayType *text_array(Datum *values, bool *nulls, int n);
 static int	cmp_int64(const void *a, const void *b);
 
 /* the caller's memory context, current again after DeliveryStoreCommit */
@@ -213,19 +214,123 @@ set_walk_from(const char *customer, const char *event_name, const char *account)
 }
 
 /*
+ * What a claim has chosen so far: the events to claim, and among them those
+ * to be marked sent by the claim itself.
+ */
+typedef struct ClaimChoice
+{
+	int			limit;			/* events wanted in all */
+	ClaimRoomFunc room;
+	TimestampTz now;
+	int64	   *ids;
+	int			nids;
+	int64	   *send_ids;
+	int			nsend;
+} ClaimChoice;
+
+/* the walk's and the refill's column of a key's due ids, oldest first */
+#define DUE_IDS_OF_KEY(k, per_key, now) \
+	"ARRAY(SELECT o.id FROM stripe_meter.outbox o" \
+	"       WHERE o.in_flight_since IS NULL AND o.rollup_window_end IS NULL" \
+	"         AND o.customer COLLATE \"C\" = " k ".customer" \
+	"         AND o.event_name COLLATE \"C\" = " k ".event_name" \
+	"         AND COALESCE(o.stripe_account, '') COLLATE \"C\" = " k ".account" \
+	"         AND o.next_attempt_at <= " now \
+	"       ORDER BY o.next_attempt_at LIMIT " per_key ")"
+
+/*
+ * Take what room() allows of one key's due events (column 4 of the row, an
+ * array of ids): its first goes into send_ids as well when room() says it
+ * goes on the wire as soon as the claim commits.
+ */
+static void
+take_due(ClaimChoice *c, HeapTuple tup, TupleDesc desc, bool walked)
+{
+	char	   *customer = SPI_getvalue(tup, desc, 1);
+	char	   *event_name = SPI_getvalue(tup, desc, 2);
+	char	   *account = SPI_getvalue(tup, desc, 3);
+	bool		isnull;
+	ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(tup, desc, 4, &isnull));
+	Datum	   *elems;
+	int			nelems;
+	int			take;
+	bool		send_now = false;
+	int			j;
+
+	deconstruct_array(arr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
+					  &elems, NULL, &nelems);
+	if (nelems == 0)
+		return;
+	take = c->room(DeliveryBusyKey(account[0] ? account : NULL, event_name, customer),
+				   account[0] ? account : NULL, nelems >= CLAIM_PER_KEY, walked,
+				   &send_now);
+	for (j = 0; j < Min(take, nelems) && c->nids < c->limit; j++)
+	{
+		/* the key's first, the one that goes before the others */
+		if (j == 0 && send_now)
+			c->send_ids[c->nsend++] = DatumGetInt64(elems[j]);
+		c->ids[c->nids++] = DatumGetInt64(elems[j]);
+	}
+}
+
+/*
+ * Choose the due events of the keys the scheduler names: keys that hold
+ * places already and gave one back, so their next events are claimed
+ * without walking past every other key that holds its places.
+ */
+static void
+choose_refills(ClaimChoice *c, const ClaimKey *keys, int nkeys)
+{
+	static SPIPlanPtr refill_plan = NULL;
+	Datum		args[5];
+	Datum	   *d;
+	int			i;
+	int			f;
+	int			rc;
+	uint64		k;
+
+	if (nkeys == 0)
+		return;
+	if (refill_plan == NULL)
+		refill_plan = SpiPrepareSaved(
+								  "SELECT k.customer, k.event_name, k.account, "
+								  DUE_IDS_OF_KEY("k", "$4", "$5")
+								  "  FROM ROWS FROM (pg_catalog.unnest($1::text[]),"
+								  "                  pg_catalog.unnest($2::text[]),"
+								  "                  pg_catalog.unnest($3::text[]))"
+								  "       AS k(customer, event_name, account)",
+								  5, (Oid[]) {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+									  INT4OID, TIMESTAMPTZOID});
+	d = palloc(sizeof(Datum) * nkeys);
+	for (f = 0; f < 3; f++)
+	{
+		for (i = 0; i < nkeys; i++)
+			d[i] = CStringGetTextDatum(f == 0 ? keys[i].customer :
+									   f == 1 ? keys[i].event_name : keys[i].account);
+		args[f] = PointerGetDatum(text_array(d, NULL, nkeys));
+	}
+	args[3] = Int32GetDatum(CLAIM_PER_KEY);
+	args[4] = TimestampTzGetDatum(c->now);
+	rc = SPI_execute_plan(refill_plan, args, NULL, true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not choose meter events to claim: %s", SPI_result_code_string(rc));
+	for (k = 0; k < SPI_processed && c->nids < c->limit; k++)
+		take_due(c, SPI_tuptable->vals[k], SPI_tuptable->tupdesc, false);
+	SPI_freetuptable(SPI_tuptable);
+}
+
+/*
  * Walk the keys (customer, event name, account) that have events waiting,
  * from walk_from, at most max_keys of them, and choose the due events of
- * each that room() allows (at most CLAIM_PER_KEY), up to limit in all.
- * Appends their ids to ids; returns false when the walk reached the last
- * key.
+ * each that room() allows (at most CLAIM_PER_KEY), up to the limit in all.
+ * Returns false when the walk reached the last key.
  *
  * The walk is read through a cursor, a few keys at a time, and stops as
- * soon as limit events are chosen: each key costs index probes, and keys
+ * soon as enough events are chosen: each key costs index probes, and keys
  * read but not used would be read again by the next claim.
  */
 static bool
-choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
-		   int64 *ids, int *nids, int64 *send_ids, int *nsend)
+choose_due(ClaimChoice *c, int max_keys)
 {
 	static SPIPlanPtr walk_plan = NULL;
 	Datum		args[6];
@@ -257,14 +362,8 @@ choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
 								"                COALESCE(o.stripe_account, '') COLLATE \"C\""
 								"       LIMIT 1) nx"
 								"   WHERE w.n < $4)"
-								" SELECT w.customer, w.event_name, w.account,"
-								"        ARRAY(SELECT o.id FROM stripe_meter.outbox o"
-								"               WHERE o.in_flight_since IS NULL AND o.rollup_window_end IS NULL"
-								"                 AND o.customer COLLATE \"C\" = w.customer"
-								"                 AND o.event_name COLLATE \"C\" = w.event_name"
-								"                 AND COALESCE(o.stripe_account, '') COLLATE \"C\" = w.account"
-								"                 AND o.next_attempt_at <= $6"
-								"               ORDER BY o.next_attempt_at LIMIT $5)"
+								" SELECT w.customer, w.event_name, w.account, "
+								DUE_IDS_OF_KEY("w", "$5", "$6")
 								"   FROM walk w",
 								6, (Oid[]) {TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID, TIMESTAMPTZOID});
 
@@ -273,47 +372,26 @@ choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
 	args[2] = CStringGetTextDatum(walk_from[2] ? walk_from[2] : "");
 	args[3] = Int32GetDatum(max_keys);
 	args[4] = Int32GetDatum(CLAIM_PER_KEY);
-	args[5] = TimestampTzGetDatum(now);
+	args[5] = TimestampTzGetDatum(c->now);
 	portal = SPI_cursor_open(NULL, walk_plan, args, NULL, true);
 
-	while (*nids < limit && more)
+	while (c->nids < c->limit && more)
 	{
 		/* enough keys for what is still wanted, if each gives its most */
-		int			fetch = Min((limit - *nids + CLAIM_PER_KEY - 1) / CLAIM_PER_KEY,
+		int			fetch = Min((c->limit - c->nids + CLAIM_PER_KEY - 1) / CLAIM_PER_KEY,
 								max_keys - walked);
 		uint64		i;
 
 		SPI_cursor_fetch(portal, true, fetch);
 		walked += (int) SPI_processed;
-		for (i = 0; i < SPI_processed && *nids < limit; i++)
+		for (i = 0; i < SPI_processed && c->nids < c->limit; i++)
 		{
 			HeapTuple	tup = SPI_tuptable->vals[i];
 			TupleDesc	desc = SPI_tuptable->tupdesc;
-			char	   *customer = SPI_getvalue(tup, desc, 1);
-			char	   *event_name = SPI_getvalue(tup, desc, 2);
-			char	   *account = SPI_getvalue(tup, desc, 3);
-			bool		isnull;
-			ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(tup, desc, 4, &isnull));
-			Datum	   *elems;
-			int			nelems;
-			int			take = 0;
-			bool		send_now = false;
-			int			j;
 
-			deconstruct_array(arr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
-							  &elems, NULL, &nelems);
-			if (nelems > 0)
-				take = room(DeliveryBusyKey(account[0] ? account : NULL, event_name, customer),
-							account[0] ? account : NULL, nelems >= CLAIM_PER_KEY,
-							&send_now);
-			for (j = 0; j < Min(take, nelems) && *nids < limit; j++)
-			{
-				/* the key's first, the one that goes before the others */
-				if (j == 0 && send_now)
-					send_ids[(*nsend)++] = DatumGetInt64(elems[j]);
-				ids[(*nids)++] = DatumGetInt64(elems[j]);
-			}
-			set_walk_from(customer, event_name, account);
+			take_due(c, tup, desc, true);
+			set_walk_from(SPI_getvalue(tup, desc, 1), SPI_getvalue(tup, desc, 2),
+						  SPI_getvalue(tup, desc, 3));
 		}
 		/* fewer keys than asked for, all of them used: that was the last */
 		if (SPI_processed < (uint64) fetch && i == SPI_processed)
@@ -340,12 +418,13 @@ choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
  * DeliveryStoreClaim
  *		Claim up to limit due events, and return their rows.
  *
- * Events are chosen key by key (account, event name, customer), walking on
- * from where the last claim stopped, at most what room() allows per key:
- * so a backlog for one customer and meter, however long, takes a few
- * places in the worker's memory and never keeps other customers' events
- * from being claimed.  Within a key, events go in the order they fell
- * due.
+ * Events are chosen key by key (account, event name, customer), at most
+ * what room() allows per key: so a backlog for one customer and meter,
+ * however long, takes a few places in the worker's memory and never keeps
+ * other customers' events from being claimed.  First come the keys named
+ * in refill (keys that gave back a place and have more due); then, when
+ * walk is set, the claim walks on over the keys from where the last walk
+ * stopped.  Within a key, events go in the order they fell due.
  *
  * The claim marks them in flight and counts the attempt.  The first event
  * of each key that room() says may go out at once is also marked sent
@@ -356,15 +435,10 @@ choose_due(int limit, int max_keys, TimestampTz now, ClaimRoomFunc room,
  * how many.
  */
 int
-DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
-				   dlist_head *claimed)
+DeliveryStoreClaim(int limit, const ClaimKey *refill, int nrefill, bool walk,
+				   ClaimRoomFunc room, ClaimBatch *batch, dlist_head *claimed)
 {
-	int64	   *ids = palloc(sizeof(int64) * limit);
-	int64	   *send_ids = palloc(sizeof(int64) * limit);
-	int			nids = 0;
-	int			nsend = 0;
-	int			max_keys = limit * 2;
-	TimestampTz now = GetCurrentTimestamp();
+	ClaimChoice c;
 	bool		from_start = (walk_from[0] == NULL || walk_from[0][0] == '\0');
 	Datum		args[2];
 	Datum	   *d;
@@ -373,11 +447,24 @@ DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
 	uint64		k;
 	MemoryContext old;
 
+	c.limit = limit;
+	c.room = room;
+	c.now = GetCurrentTimestamp();
+	c.ids = palloc(sizeof(int64) * limit);
+	c.nids = 0;
+	c.send_ids = palloc(sizeof(int64) * limit);
+	c.nsend = 0;
+
+	choose_refills(&c, refill, nrefill);
 	/* a walk that ends early goes round once more, from the first key */
-	if (!choose_due(limit, max_keys, now, room, ids, &nids, send_ids, &nsend) &&
-		!from_start && nids < limit)
-		(void) choose_due(limit, max_keys, now, room, ids, &nids, send_ids, &nsend);
-	if (nids == 0)
+	if (walk && c.nids < limit)
+	{
+		int			max_keys = (limit - c.nids) * 2;
+
+		if (!choose_due(&c, max_keys) && !from_start && c.nids < limit)
+			(void) choose_due(&c, max_keys);
+	}
+	if (c.nids == 0)
 		return 0;
 
 	if (claim_plan == NULL)
@@ -403,13 +490,13 @@ DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
 								" SELECT * FROM c ORDER BY marked DESC, next_attempt_at, id",
 								2, (Oid[]) {INT8ARRAYOID, INT8ARRAYOID});
 
-	d = palloc(sizeof(Datum) * nids);
-	for (i = 0; i < nids; i++)
-		d[i] = Int64GetDatum(ids[i]);
-	args[0] = PointerGetDatum(int8_array(d, nids));
-	for (i = 0; i < nsend; i++)
-		d[i] = Int64GetDatum(send_ids[i]);
-	args[1] = PointerGetDatum(int8_array(d, nsend));
+	d = palloc(sizeof(Datum) * c.nids);
+	for (i = 0; i < c.nids; i++)
+		d[i] = Int64GetDatum(c.ids[i]);
+	args[0] = PointerGetDatum(int8_array(d, c.nids));
+	for (i = 0; i < c.nsend; i++)
+		d[i] = Int64GetDatum(c.send_ids[i]);
+	args[1] = PointerGetDatum(int8_array(d, c.nsend));
 
 	/*
 	 * The claim must be on disk before any of its events is sent, whatever

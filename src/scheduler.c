@@ -16,10 +16,14 @@
  * concurrent call per customer and meter, so never two events of one key
  * are out at once: the one out holds the key, the others wait behind it.
  * The claim takes at most CLAIM_PER_KEY events per key and remembers the
- * keys that had more due than it took ("more"): when one of their events
- * finishes, the next claim comes at once instead of at the next poll.  So
- * one customer's backlog, however long, holds a few places in memory and
- * never keeps other customers' events from being claimed.
+ * keys that had more due than it took ("more").  When an event of such a
+ * key has been answered, the next claim refills the key by name: walking
+ * the keys to find it would pass every other key that holds its places,
+ * and with thousands of customers in flight that walk was most of the
+ * worker's time.  A key is refilled so at most MAX_REFILLS times in a row;
+ * then its next events wait for the walk, which goes round all the keys in
+ * turn.  So one customer's backlog, however long, holds a few places in
+ * memory and never keeps other customers' events from being claimed.
  *
  * Finished events are recorded in batches: RECORD_BATCH of them, or after
  * RECORD_DELAY_MS, or when nothing is in flight.  Answers whose outbox row
@@ -46,6 +50,7 @@
 #define RECORD_DELAY_MS		20	/* or after this long */
 #define MAX_DEFERRED_PER_PASS 256	/* events passed over for rate-limited accounts */
 #define LOCKED_RETRY_MS		1000	/* retry recording rows another session locks */
+#define MAX_REFILLS			16	/* refills of a key between two turns of the walk */
 
 /*
  * The claimed events of one (account, event name, customer): at most
@@ -57,14 +62,27 @@ typedef struct BusyKey
 	int			held;			/* claimed and not finished */
 	bool		more;			/* the claim saw more due than it took */
 	bool		in_flight;		/* a request for this key is out */
+	bool		refill_queued;	/* in refill_queue (kept while it is) */
+	int			refills;		/* refilled since the walk last came to it */
+	uint64		claimed_in;		/* the claim that last gave it room */
 	dclist_head waiting;
 } BusyKey;
+
+/* a key to refill at the next claim, with its parts for the query */
+typedef struct RefillKey
+{
+	uint64		key;
+	ClaimKey	parts;
+	dlist_node	node;
+} RefillKey;
 
 static MemoryContext sched_cxt;
 static const Sender *sender;	/* chosen by the worker at start */
 static dclist_head ready;		/* claimed, may be sent */
 static dclist_head finished;	/* outcome known, to be recorded */
 static HTAB *busy_keys;
+static dclist_head refill_queue;	/* RefillKeys, oldest first */
+static uint64 claim_seq = 0;	/* counts claims */
 static int	held = 0;			/* claimed and not yet recorded */
 static TimestampTz first_finished_at = 0;
 static int	locked_answers = 0;	/* finished, but their rows are locked */
@@ -107,6 +125,9 @@ busy_key_entry(uint64 key)
 		bk->held = 0;
 		bk->more = false;
 		bk->in_flight = false;
+		bk->refill_queued = false;
+		bk->refills = 0;
+		bk->claimed_in = 0;
 		dclist_init(&bk->waiting);
 	}
 	return bk;
@@ -130,15 +151,26 @@ static TimestampTz claim_started_at = 0;
  * sent itself, which saves the sent mark's own durable transaction.  An
  * event so marked that still does not go out (a pause after the claim) is
  * released as never sent; only a crash in between would count it as sent,
- * which costs a replayed resend and nothing else.
+ * which costs a replayed resend and nothing else.  It needs none of the
+ * row-lock check the sent mark makes (DeliveryStoreMarkSent): the claim
+ * itself took the row with FOR UPDATE SKIP LOCKED just before, and a
+ * cancellation of an event in flight already counts it as maybe sent.
+ *
+ * walked says who asks: the walk over all keys, or the refill of a key by
+ * name.  A key that gets room from the walk may be refilled MAX_REFILLS
+ * times before it must wait for the walk again.
  */
 static int
-claim_room(uint64 key, const char *account, bool more, bool *send_now)
+claim_room(uint64 key, const char *account, bool more, bool walked,
+		   bool *send_now)
 {
 	BusyKey    *bk = hash_search(busy_keys, &key, HASH_FIND, NULL);
 	int			room;
 
 	*send_now = false;
+	/* refilled by this claim already: the walk passes it */
+	if (bk != NULL && bk->claimed_in == claim_seq)
+		return 0;
 	if ((bk == NULL || bk->held == 0) && send_now_taken < send_now_room &&
 		!PauseAccountIsPaused(account) &&
 		RateLimiterHasTokens(account, claim_started_at,
@@ -154,7 +186,35 @@ claim_room(uint64 key, const char *account, bool more, bool *send_now)
 	room = Max(CLAIM_PER_KEY - bk->held, 0);
 	/* remembered, to claim again as soon as one of its events is done */
 	bk->more = more || room == 0;
+	if (room > 0)
+	{
+		/* the walk's turn starts its count of refills again */
+		bk->refills = walked ? 0 : bk->refills + 1;
+		bk->claimed_in = claim_seq;
+	}
 	return room;
+}
+
+/* e's key has more due: refill it by name at the next claim */
+static void
+queue_refill(BusyKey *bk, const ClaimedEvent *e)
+{
+	const char *account = e->stripe_account ? e->stripe_account : "";
+	size_t		lc = strlen(e->customer) + 1;
+	size_t		le = strlen(e->event_name) + 1;
+	RefillKey  *r;
+	char	   *p;
+
+	if (bk->refill_queued)
+		return;
+	r = MemoryContextAlloc(sched_cxt, sizeof(RefillKey) + lc + le + strlen(account) + 1);
+	p = (char *) (r + 1);
+	r->key = bk->key;
+	r->parts.customer = memcpy(p, e->customer, lc);
+	r->parts.event_name = memcpy(p + lc, e->event_name, le);
+	r->parts.account = strcpy(p + lc + le, account);
+	dclist_push_tail(&refill_queue, &r->node);
+	bk->refill_queued = true;
 }
 
 /* e was to be the probe while Stripe does not answer, but did not go out */
@@ -180,15 +240,17 @@ finish_event(ClaimedEvent *e)
 		e->probe = false;
 	}
 	reach_probe_unsent(e);
-	if (bk != NULL && --bk->held <= 0)
+	if (bk != NULL)
 	{
+		bk->held--;
 		/* its key has more due: claim them soon, not at the next poll */
-		if (bk->more)
+		if (bk->more && e->sent && bk->refills < MAX_REFILLS)
+			queue_refill(bk, e);
+		else if (bk->more)
 			ready_now = true;
-		hash_search(busy_keys, &e->busy_key, HASH_REMOVE, NULL);
+		if (bk->held <= 0 && !bk->refill_queued)
+			hash_search(busy_keys, &e->busy_key, HASH_REMOVE, NULL);
 	}
-	else if (bk != NULL && bk->more)
-		ready_now = true;
 	if (dclist_count(&finished) == locked_answers)
 		first_finished_at = GetCurrentTimestamp();
 	queue_push(&finished, e);
@@ -600,15 +662,22 @@ record_finished(void)
 	pfree(events);
 }
 
+/*
+ * Claim what the worker has room for: the keys queued to refill, then, when
+ * walk is set, what the walk over all the keys finds.
+ */
 static void
-claim_more(void)
+claim_more(bool walk)
 {
 	int			room = hold_limit() - held;
 	int			want = Min(room, stripe_meter_claim_batch_size);
 	ClaimBatch *batch;
 	dlist_head	claimed;
 	dlist_iter	iter;
+	dlist_mutable_iter miter;
 	MemoryContext old;
+	ClaimKey   *refill;
+	int			nrefill = 0;
 	int			got;
 
 	if (want <= 0)
@@ -626,7 +695,16 @@ claim_more(void)
 	send_now_taken = 0;
 	send_now_room = UnreachableProbing() ? 0 :
 		sender->room_now() - (int) dclist_count(&ready);
-	got = DeliveryStoreClaim(want, claim_room, batch, &claimed);
+	claim_seq++;
+	refill = palloc(sizeof(ClaimKey) * Min(want, (int) dclist_count(&refill_queue)));
+	dclist_foreach(iter, &refill_queue)
+	{
+		if (nrefill == want)
+			break;
+		refill[nrefill++] = dlist_container(RefillKey, node, iter.cur)->parts;
+	}
+	got = DeliveryStoreClaim(want, refill, nrefill, walk, claim_room, batch,
+							 &claimed);
 
 	/*
 	 * Every attempt of this claim sends the request built now.  Built in the
@@ -645,7 +723,9 @@ claim_more(void)
 	MemoryContextSwitchTo(old);
 	DeliveryStoreCommit();
 
-	claim_exhausted = (got < want);
+	/* only a walk can tell whether more is due */
+	if (walk)
+		claim_exhausted = (got < want);
 	held += got;
 	while (!dlist_is_empty(&claimed))
 	{
@@ -654,6 +734,24 @@ claim_more(void)
 
 		busy_key_entry(e->busy_key)->held++;
 		queue_push(&ready, e);
+	}
+	/* the keys refilled (or found with nothing due) leave the queue */
+	dclist_foreach_modify(miter, &refill_queue)
+	{
+		RefillKey  *r = dlist_container(RefillKey, node, miter.cur);
+		BusyKey    *bk;
+
+		if (nrefill-- == 0)
+			break;
+		bk = hash_search(busy_keys, &r->key, HASH_FIND, NULL);
+		if (bk != NULL)
+		{
+			bk->refill_queued = false;
+			if (bk->held <= 0)
+				hash_search(busy_keys, &r->key, HASH_REMOVE, NULL);
+		}
+		dclist_delete_from(&refill_queue, miter.cur);
+		pfree(r);
 	}
 	if (got == 0)
 	{
@@ -684,6 +782,7 @@ SchedulerInit(MemoryContext cxt, const Sender *s)
 	sender = s;
 	dclist_init(&ready);
 	dclist_init(&finished);
+	dclist_init(&refill_queue);
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(uint64);
 	ctl.entrysize = sizeof(BusyKey);
@@ -744,12 +843,14 @@ SchedulerTurn(TimestampTz now, bool draining)
 	}
 	if (PauseReason() != NULL)
 		release_unsent();
-	else if (!draining &&
-			 (ready_now || !claim_exhausted || now >= next_poll_at))
+	else if (!draining && held < hold_limit())
 	{
-		if (held < hold_limit())
+		bool		walk = (ready_now || !claim_exhausted || now >= next_poll_at);
+
+		if (walk || !dclist_is_empty(&refill_queue))
+			claim_more(walk);
+		if (walk)
 		{
-			claim_more();
 			ready_now = false;
 			if (claim_exhausted && (next_poll_at <= now))
 				next_poll_at = TimestampTzPlusMilliseconds(now, stripe_meter_naptime);
@@ -802,7 +903,8 @@ SchedulerTimeout(StripeMeterWait *wait)
 		timeout = send_wait;
 		*wait = UnreachableProbing() ? SM_WAIT_UNREACHABLE : SM_WAIT_RATE_LIMIT;
 	}
-	else if (!claim_exhausted && !paused && held < hold_limit())
+	else if ((!claim_exhausted || !dclist_is_empty(&refill_queue)) &&
+			 !paused && held < hold_limit())
 	{
 		timeout = 0;
 		*wait = SM_WAIT_CLAIM;

@@ -568,15 +568,25 @@ extern bool DeliveryStoreExtensionVersion(char *buf, size_t size);
 extern int64 DeliveryStoreRepair(TimestampTz claimed_before);
 /*
  * How many more events of this busy key may be claimed; more: it has more
- * due.  Sets *send_now when its first may go on the wire as soon as the
- * claim commits: the claim then marks it sent itself.
+ * due; walked: the claim's walk came to it (else it was named to refill).
+ * Sets *send_now when its first may go on the wire as soon as the claim
+ * commits: the claim then marks it sent itself.
  */
 typedef int (*ClaimRoomFunc) (uint64 busy_key, const char *account, bool more,
-							  bool *send_now);
+							  bool walked, bool *send_now);
+
+/* a busy key by its parts, account "" when none */
+typedef struct ClaimKey
+{
+	const char *customer;
+	const char *event_name;
+	const char *account;
+} ClaimKey;
 #define CLAIM_PER_KEY 2			/* events held per (account, meter, customer) */
 extern uint64 DeliveryBusyKey(const char *account, const char *event_name,
 							  const char *customer);
-extern int	DeliveryStoreClaim(int limit, ClaimRoomFunc room, ClaimBatch *batch,
+extern int	DeliveryStoreClaim(int limit, const ClaimKey *refill, int nrefill,
+							   bool walk, ClaimRoomFunc room, ClaimBatch *batch,
 							   dlist_head *claimed);
 extern int	DeliveryStoreMarkSent(ClaimedEvent **events, int n);
 extern TimestampTz DeliveryStoreRecord(ClaimedEvent **events, int n, int *deferred);

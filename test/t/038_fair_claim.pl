@@ -79,9 +79,40 @@ for my $db ('postgres', 'v2db')
 	is($node->safe_psql($db, q{SELECT count(*) FROM stripe_meter.meter_events}),
 		$hot_events + 100, "$api: every event is recorded delivered");
 }
+# Keys that hold every place the worker has still give them up.  A key
+# whose event was answered is refilled by name, without waiting for the
+# walk over all keys, but only so many times in a row: 8 backlogs hold the
+# 16 places of max_in_flight = 8 (v1), and a new customer's event must not
+# wait for one of them to drain.
+my $per_key = 300;
+$mock->config({ latency_ms => 50 });
+$node->safe_psql('postgres', qq{
+	SELECT stripe_meter_event_create('api_requests',
+		jsonb_build_object('stripe_customer_id', 'cus_full' || k, 'value', 1),
+		'full-' || k || '-' || i)
+	  FROM generate_series(1, $per_key) i, generate_series(1, 8) k});
+wait_for($node,
+	q{SELECT count(DISTINCT customer) FROM stripe_meter.meter_events WHERE customer LIKE 'cus_full%'},
+	'8', 'v1: eight backlogs hold every place');
+$node->safe_psql('postgres', q{
+	SELECT stripe_meter_event_create('api_requests',
+		jsonb_build_object('stripe_customer_id', 'cus_late', 'value', 1), 'late-1')});
+wait_for($node,
+	q{SELECT count(*) FROM stripe_meter.meter_events WHERE customer = 'cus_late'},
+	'1', 'v1: a new customer\'s event is delivered');
+my $least_left = $node->safe_psql('postgres',
+	q{SELECT min(n) FROM (SELECT count(*) AS n FROM stripe_meter.outbox
+	                       WHERE customer LIKE 'cus_full%' GROUP BY customer) c});
+cmp_ok($least_left, '>', $per_key / 2,
+	"v1: ... while each backlog still has most of its events ($least_left left of $per_key)");
+$mock->config({ latency_ms => 0 });
+wait_for($node, q{SELECT count(*) FROM stripe_meter.outbox}, '0',
+	'v1: the eight backlogs drain');
+
 my %seen;
 $seen{ $_->{identifier} }++ for @{ $mock->events };
-is(scalar(keys %seen), 2 * ($hot_events + 100), 'the mock billed every event');
+is(scalar(keys %seen), 2 * ($hot_events + 100) + 8 * $per_key + 1,
+	'the mock billed every event');
 is(scalar(grep { $_ > 1 } values %seen), 0, 'and none twice');
 
 done_testing();
