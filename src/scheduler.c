@@ -21,9 +21,11 @@
  * the keys to find it would pass every other key that holds its places,
  * and with thousands of customers in flight that walk was most of the
  * worker's time.  A key is refilled so at most MAX_REFILLS times in a row;
- * then its next events wait for the walk, which goes round all the keys in
- * turn.  So one customer's backlog, however long, holds a few places in
- * memory and never keeps other customers' events from being claimed.
+ * then it waits ("parked") until a claim has walked, which gives the place
+ * it freed to the keys the walk comes to, and is refilled again after it.
+ * So one customer's backlog, however long, holds a few places in memory
+ * and never keeps other customers' events from being claimed, even when
+ * backlogs hold every place the worker has.
  *
  * Finished events are recorded in batches: RECORD_BATCH of them, or after
  * RECORD_DELAY_MS, or when nothing is in flight.  Answers whose outbox row
@@ -50,7 +52,7 @@
 #define RECORD_DELAY_MS		20	/* or after this long */
 #define MAX_DEFERRED_PER_PASS 256	/* events passed over for rate-limited accounts */
 #define LOCKED_RETRY_MS		1000	/* retry recording rows another session locks */
-#define MAX_REFILLS			16	/* refills of a key between two turns of the walk */
+#define MAX_REFILLS			16	/* refills of a key between two walks */
 
 /*
  * The claimed events of one (account, event name, customer): at most
@@ -62,8 +64,8 @@ typedef struct BusyKey
 	int			held;			/* claimed and not finished */
 	bool		more;			/* the claim saw more due than it took */
 	bool		in_flight;		/* a request for this key is out */
-	bool		refill_queued;	/* in refill_queue (kept while it is) */
-	int			refills;		/* refilled since the walk last came to it */
+	bool		refill_queued;	/* in refill_queue or parked (kept while it is) */
+	int			refills;		/* refilled since it was last parked */
 	uint64		claimed_in;		/* the claim that last gave it room */
 	dclist_head waiting;
 } BusyKey;
@@ -82,6 +84,8 @@ static dclist_head ready;		/* claimed, may be sent */
 static dclist_head finished;	/* outcome known, to be recorded */
 static HTAB *busy_keys;
 static dclist_head refill_queue;	/* RefillKeys, oldest first */
+static dclist_head parked;		/* RefillKeys refilled MAX_REFILLS times:
+								 * they wait for a walk */
 static uint64 claim_seq = 0;	/* counts claims */
 static int	held = 0;			/* claimed and not yet recorded */
 static TimestampTz first_finished_at = 0;
@@ -157,8 +161,7 @@ static TimestampTz claim_started_at = 0;
  * cancellation of an event in flight already counts it as maybe sent.
  *
  * walked says who asks: the walk over all keys, or the refill of a key by
- * name.  A key that gets room from the walk may be refilled MAX_REFILLS
- * times before it must wait for the walk again.
+ * name.
  */
 static int
 claim_room(uint64 key, const char *account, bool more, bool walked,
@@ -188,14 +191,17 @@ claim_room(uint64 key, const char *account, bool more, bool walked,
 	bk->more = more || room == 0;
 	if (room > 0)
 	{
-		/* the walk's turn starts its count of refills again */
-		bk->refills = walked ? 0 : bk->refills + 1;
+		if (!walked)
+			bk->refills++;
 		bk->claimed_in = claim_seq;
 	}
 	return room;
 }
 
-/* e's key has more due: refill it by name at the next claim */
+/*
+ * e's key has more due: refill it by name at the next claim, or after the
+ * next walk when it has been refilled MAX_REFILLS times.
+ */
 static void
 queue_refill(BusyKey *bk, const ClaimedEvent *e)
 {
@@ -213,7 +219,13 @@ queue_refill(BusyKey *bk, const ClaimedEvent *e)
 	r->parts.customer = memcpy(p, e->customer, lc);
 	r->parts.event_name = memcpy(p + lc, e->event_name, le);
 	r->parts.account = strcpy(p + lc + le, account);
-	dclist_push_tail(&refill_queue, &r->node);
+	if (bk->refills < MAX_REFILLS)
+		dclist_push_tail(&refill_queue, &r->node);
+	else
+	{
+		dclist_push_tail(&parked, &r->node);
+		ready_now = true;		/* walk soon: it is what parked keys wait for */
+	}
 	bk->refill_queued = true;
 }
 
@@ -244,7 +256,7 @@ finish_event(ClaimedEvent *e)
 	{
 		bk->held--;
 		/* its key has more due: claim them soon, not at the next poll */
-		if (bk->more && e->sent && bk->refills < MAX_REFILLS)
+		if (bk->more && e->sent)
 			queue_refill(bk, e);
 		else if (bk->more)
 			ready_now = true;
@@ -677,6 +689,7 @@ claim_more(bool walk)
 	dlist_mutable_iter miter;
 	MemoryContext old;
 	ClaimKey   *refill;
+	int			max_refill;
 	int			nrefill = 0;
 	int			got;
 
@@ -696,10 +709,12 @@ claim_more(bool walk)
 	send_now_room = UnreachableProbing() ? 0 :
 		sender->room_now() - (int) dclist_count(&ready);
 	claim_seq++;
-	refill = palloc(sizeof(ClaimKey) * Min(want, (int) dclist_count(&refill_queue)));
+	/* a claim that walks leaves it half its room at least */
+	max_refill = walk ? want / 2 / CLAIM_PER_KEY : want;
+	refill = palloc(sizeof(ClaimKey) * Max(Min(max_refill, (int) dclist_count(&refill_queue)), 1));
 	dclist_foreach(iter, &refill_queue)
 	{
-		if (nrefill == want)
+		if (nrefill == max_refill)
 			break;
 		refill[nrefill++] = dlist_container(RefillKey, node, iter.cur)->parts;
 	}
@@ -753,6 +768,24 @@ claim_more(bool walk)
 		dclist_delete_from(&refill_queue, miter.cur);
 		pfree(r);
 	}
+	/* the walk had its turn: the parked keys are refilled again */
+	if (walk)
+	{
+		dclist_foreach_modify(miter, &parked)
+		{
+			RefillKey  *r = dlist_container(RefillKey, node, miter.cur);
+			BusyKey    *bk = hash_search(busy_keys, &r->key, HASH_FIND, NULL);
+
+			dclist_delete_from(&parked, miter.cur);
+			if (bk == NULL)
+				pfree(r);
+			else
+			{
+				bk->refills = 0;
+				dclist_push_tail(&refill_queue, &r->node);
+			}
+		}
+	}
 	if (got == 0)
 	{
 		MemoryContextDelete(batch->cxt);
@@ -783,6 +816,7 @@ SchedulerInit(MemoryContext cxt, const Sender *s)
 	dclist_init(&ready);
 	dclist_init(&finished);
 	dclist_init(&refill_queue);
+	dclist_init(&parked);
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(uint64);
 	ctl.entrysize = sizeof(BusyKey);
