@@ -79,6 +79,10 @@ include $(PGXS)
 # Makefile.global resets PROVE_FLAGS, so this must follow the include.
 PROVE_FLAGS += -I test/perl
 
+# Every source file includes the project's headers, and PGXS does not track
+# them: a changed struct must rebuild every object that uses it.
+$(OBJS) $(if $(filter yes,$(with_llvm)),$(OBJS:.o=.bc)): src/stripe_meter.h src/pg_compat.h
+
 $(EXTENSION)--$(EXTVERSION).sql: $(EXTENSION).sql
 	cp $< $@
 
