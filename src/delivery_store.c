@@ -51,6 +51,8 @@ static SPIPlanPtr release_plan = NULL;
 
 static ArrayType *int8_array(Datum *values, int n);
 static ArrayType *text_array(Datum *values, bool *nulls, int n);
+static ArrayType *simple_array(Datum *values, bool *nulls, int n, Oid type,
+							   int len, bool byval, char align);
 static int	cmp_int64(const void *a, const void *b);
 
 /* the caller's memory context, current again after DeliveryStoreCommit */
@@ -229,12 +231,13 @@ typedef struct ClaimChoice
 } ClaimChoice;
 
 /* the walk's and the refill's column of a key's due ids, oldest first */
-#define DUE_IDS_OF_KEY(k, per_key, now) \
+#define DUE_IDS_OF_KEY(k, per_key, from, now) \
 	"ARRAY(SELECT o.id FROM stripe_meter.outbox o" \
 	"       WHERE o.in_flight_since IS NULL AND o.rollup_window_end IS NULL" \
 	"         AND o.customer COLLATE \"C\" = " k ".customer" \
 	"         AND o.event_name COLLATE \"C\" = " k ".event_name" \
 	"         AND COALESCE(o.stripe_account, '') COLLATE \"C\" = " k ".account" \
+	"         AND o.next_attempt_at >= " from \
 	"         AND o.next_attempt_at <= " now \
 	"       ORDER BY o.next_attempt_at LIMIT " per_key ")"
 
@@ -282,7 +285,7 @@ static void
 choose_refills(ClaimChoice *c, const ClaimKey *keys, int nkeys)
 {
 	static SPIPlanPtr refill_plan = NULL;
-	Datum		args[5];
+	Datum		args[6];
 	Datum	   *d;
 	int			i;
 	int			f;
@@ -294,13 +297,14 @@ choose_refills(ClaimChoice *c, const ClaimKey *keys, int nkeys)
 	if (refill_plan == NULL)
 		refill_plan = SpiPrepareSaved(
 								  "SELECT k.customer, k.event_name, k.account, "
-								  DUE_IDS_OF_KEY("k", "$4", "$5")
+								  DUE_IDS_OF_KEY("k", "$5", "k.due_from", "$6")
 								  "  FROM ROWS FROM (pg_catalog.unnest($1::text[]),"
 								  "                  pg_catalog.unnest($2::text[]),"
-								  "                  pg_catalog.unnest($3::text[]))"
-								  "       AS k(customer, event_name, account)",
-								  5, (Oid[]) {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
-									  INT4OID, TIMESTAMPTZOID});
+								  "                  pg_catalog.unnest($3::text[]),"
+								  "                  pg_catalog.unnest($4::timestamptz[]))"
+								  "       AS k(customer, event_name, account, due_from)",
+								  6, (Oid[]) {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+									  TIMESTAMPTZARRAYOID, INT4OID, TIMESTAMPTZOID});
 	d = palloc(sizeof(Datum) * nkeys);
 	for (f = 0; f < 3; f++)
 	{
@@ -309,8 +313,18 @@ choose_refills(ClaimChoice *c, const ClaimKey *keys, int nkeys)
 									   f == 1 ? keys[i].event_name : keys[i].account);
 		args[f] = PointerGetDatum(text_array(d, NULL, nkeys));
 	}
-	args[3] = Int32GetDatum(CLAIM_PER_KEY);
-	args[4] = TimestampTzGetDatum(c->now);
+
+	/*
+	 * A key's scan starts where its last claim ended: the index entries of
+	 * the rows claimed before stay until vacuum, and with a long backlog
+	 * reading past them cost more than the rest of the refill.
+	 */
+	for (i = 0; i < nkeys; i++)
+		d[i] = TimestampTzGetDatum(keys[i].due_from);
+	args[3] = PointerGetDatum(simple_array(d, NULL, nkeys, TIMESTAMPTZOID, 8,
+										   FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[4] = Int32GetDatum(CLAIM_PER_KEY);
+	args[5] = TimestampTzGetDatum(c->now);
 	rc = SPI_execute_plan(refill_plan, args, NULL, true, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "could not choose meter events to claim: %s", SPI_result_code_string(rc));
@@ -363,7 +377,7 @@ choose_due(ClaimChoice *c, int max_keys)
 								"       LIMIT 1) nx"
 								"   WHERE w.n < $4)"
 								" SELECT w.customer, w.event_name, w.account, "
-								DUE_IDS_OF_KEY("w", "$5", "$6")
+								DUE_IDS_OF_KEY("w", "$5", "'-infinity'", "$6")
 								"   FROM walk w",
 								6, (Oid[]) {TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID, TIMESTAMPTZOID});
 
@@ -541,6 +555,7 @@ DeliveryStoreClaim(int limit, const ClaimKey *refill, int nrefill, bool walk,
 		e->value_key = SPI_getvalue(tup, desc, 10);
 		e->canonical_value = SPI_getvalue(tup, desc, 11);
 		e->legacy_idempotency_key = DatumGetBool(SPI_getbinval(tup, desc, 12, &isnull));
+		e->due_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 13, &isnull));
 		e->marked_by_claim = DatumGetBool(SPI_getbinval(tup, desc, 14, &isnull));
 		e->busy_key = DeliveryBusyKey(e->stripe_account, e->event_name, e->customer);
 

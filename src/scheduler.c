@@ -67,24 +67,19 @@ typedef struct BusyKey
 	bool		refill_queued;	/* in refill_queue or parked (kept while it is) */
 	int			refills;		/* refilled since it was last parked */
 	uint64		claimed_in;		/* the claim that last gave it room */
+	ClaimKey	parts;			/* for the refill: strings set when first
+								 * queued, due_from at each claim */
+	dlist_node	refill_node;	/* in refill_queue or parked */
 	dclist_head waiting;
 } BusyKey;
-
-/* a key to refill at the next claim, with its parts for the query */
-typedef struct RefillKey
-{
-	uint64		key;
-	ClaimKey	parts;
-	dlist_node	node;
-} RefillKey;
 
 static MemoryContext sched_cxt;
 static const Sender *sender;	/* chosen by the worker at start */
 static dclist_head ready;		/* claimed, may be sent */
 static dclist_head finished;	/* outcome known, to be recorded */
 static HTAB *busy_keys;
-static dclist_head refill_queue;	/* RefillKeys, oldest first */
-static dclist_head parked;		/* RefillKeys refilled MAX_REFILLS times:
+static dclist_head refill_queue;	/* BusyKeys to refill, oldest first */
+static dclist_head parked;		/* BusyKeys refilled MAX_REFILLS times:
 								 * they wait for a walk */
 static uint64 claim_seq = 0;	/* counts claims */
 static int	held = 0;			/* claimed and not yet recorded */
@@ -132,9 +127,20 @@ busy_key_entry(uint64 key)
 		bk->refill_queued = false;
 		bk->refills = 0;
 		bk->claimed_in = 0;
+		memset(&bk->parts, 0, sizeof(bk->parts));
+		bk->parts.due_from = DT_NOBEGIN;
 		dclist_init(&bk->waiting);
 	}
 	return bk;
+}
+
+/* bk holds nothing and waits for no refill: forget it */
+static void
+busy_key_remove(BusyKey *bk)
+{
+	if (bk->parts.customer != NULL)
+		pfree((char *) bk->parts.customer);
+	hash_search(busy_keys, &bk->key, HASH_REMOVE, NULL);
 }
 
 /*
@@ -205,25 +211,25 @@ claim_room(uint64 key, const char *account, bool more, bool walked,
 static void
 queue_refill(BusyKey *bk, const ClaimedEvent *e)
 {
-	const char *account = e->stripe_account ? e->stripe_account : "";
-	size_t		lc = strlen(e->customer) + 1;
-	size_t		le = strlen(e->event_name) + 1;
-	RefillKey  *r;
-	char	   *p;
-
 	if (bk->refill_queued)
 		return;
-	r = MemoryContextAlloc(sched_cxt, sizeof(RefillKey) + lc + le + strlen(account) + 1);
-	p = (char *) (r + 1);
-	r->key = bk->key;
-	r->parts.customer = memcpy(p, e->customer, lc);
-	r->parts.event_name = memcpy(p + lc, e->event_name, le);
-	r->parts.account = strcpy(p + lc + le, account);
+	if (bk->parts.customer == NULL)
+	{
+		const char *account = e->stripe_account ? e->stripe_account : "";
+		size_t		lc = strlen(e->customer) + 1;
+		size_t		le = strlen(e->event_name) + 1;
+		char	   *p = MemoryContextAlloc(sched_cxt, lc + le + strlen(account) + 1);
+
+		/* one chunk, freed by busy_key_remove() */
+		bk->parts.customer = memcpy(p, e->customer, lc);
+		bk->parts.event_name = memcpy(p + lc, e->event_name, le);
+		bk->parts.account = strcpy(p + lc + le, account);
+	}
 	if (bk->refills < MAX_REFILLS)
-		dclist_push_tail(&refill_queue, &r->node);
+		dclist_push_tail(&refill_queue, &bk->refill_node);
 	else
 	{
-		dclist_push_tail(&parked, &r->node);
+		dclist_push_tail(&parked, &bk->refill_node);
 		ready_now = true;		/* walk soon: it is what parked keys wait for */
 	}
 	bk->refill_queued = true;
@@ -261,7 +267,7 @@ finish_event(ClaimedEvent *e)
 		else if (bk->more)
 			ready_now = true;
 		if (bk->held <= 0 && !bk->refill_queued)
-			hash_search(busy_keys, &e->busy_key, HASH_REMOVE, NULL);
+			busy_key_remove(bk);
 	}
 	if (dclist_count(&finished) == locked_answers)
 		first_finished_at = GetCurrentTimestamp();
@@ -686,7 +692,6 @@ claim_more(bool walk)
 	ClaimBatch *batch;
 	dlist_head	claimed;
 	dlist_iter	iter;
-	dlist_mutable_iter miter;
 	MemoryContext old;
 	ClaimKey   *refill;
 	int			max_refill;
@@ -716,7 +721,7 @@ claim_more(bool walk)
 	{
 		if (nrefill == max_refill)
 			break;
-		refill[nrefill++] = dlist_container(RefillKey, node, iter.cur)->parts;
+		refill[nrefill++] = dlist_container(BusyKey, refill_node, iter.cur)->parts;
 	}
 	got = DeliveryStoreClaim(want, refill, nrefill, walk, claim_room, batch,
 							 &claimed);
@@ -747,43 +752,34 @@ claim_more(bool walk)
 		ClaimedEvent *e = dlist_container(ClaimedEvent, node,
 										  dlist_pop_head_node(&claimed));
 
-		busy_key_entry(e->busy_key)->held++;
+		BusyKey    *bk = busy_key_entry(e->busy_key);
+
+		bk->held++;
+		/* its next refill reads from here on */
+		if (e->due_at > bk->parts.due_from)
+			bk->parts.due_from = e->due_at;
 		queue_push(&ready, e);
 	}
 	/* the keys refilled (or found with nothing due) leave the queue */
-	dclist_foreach_modify(miter, &refill_queue)
+	while (nrefill-- > 0)
 	{
-		RefillKey  *r = dlist_container(RefillKey, node, miter.cur);
-		BusyKey    *bk;
+		BusyKey    *bk = dclist_container(BusyKey, refill_node,
+										  dclist_pop_head_node(&refill_queue));
 
-		if (nrefill-- == 0)
-			break;
-		bk = hash_search(busy_keys, &r->key, HASH_FIND, NULL);
-		if (bk != NULL)
-		{
-			bk->refill_queued = false;
-			if (bk->held <= 0)
-				hash_search(busy_keys, &r->key, HASH_REMOVE, NULL);
-		}
-		dclist_delete_from(&refill_queue, miter.cur);
-		pfree(r);
+		bk->refill_queued = false;
+		if (bk->held <= 0)
+			busy_key_remove(bk);
 	}
 	/* the walk had its turn: the parked keys are refilled again */
 	if (walk)
 	{
-		dclist_foreach_modify(miter, &parked)
+		while (!dclist_is_empty(&parked))
 		{
-			RefillKey  *r = dlist_container(RefillKey, node, miter.cur);
-			BusyKey    *bk = hash_search(busy_keys, &r->key, HASH_FIND, NULL);
+			BusyKey    *bk = dclist_container(BusyKey, refill_node,
+											  dclist_pop_head_node(&parked));
 
-			dclist_delete_from(&parked, miter.cur);
-			if (bk == NULL)
-				pfree(r);
-			else
-			{
-				bk->refills = 0;
-				dclist_push_tail(&refill_queue, &r->node);
-			}
+			bk->refills = 0;
+			dclist_push_tail(&refill_queue, &bk->refill_node);
 		}
 	}
 	if (got == 0)

@@ -323,6 +323,7 @@ typedef struct ClaimedEvent
 	char	   *body;			/* the request, as the sender encodes it */
 	char	   *idempotency_key;	/* NULL when the sender sends none */
 	TimestampTz next_attempt_at;	/* retried or paused: due again then */
+	TimestampTz due_at;			/* when it fell due, as claimed */
 	bool		sent;			/* handed to the network by this worker */
 	bool		marked_by_claim;	/* the claim marked its row sent */
 	bool		probe;			/* the one trial of its paused account */
@@ -581,6 +582,8 @@ typedef struct ClaimKey
 	const char *customer;
 	const char *event_name;
 	const char *account;
+	TimestampTz due_from;		/* its events due before were claimed (one
+								 * committed late is the walk's to find) */
 } ClaimKey;
 #define CLAIM_PER_KEY 2			/* events held per (account, meter, customer) */
 extern uint64 DeliveryBusyKey(const char *account, const char *event_name,
