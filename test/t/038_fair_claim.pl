@@ -109,9 +109,40 @@ $mock->config({ latency_ms => 0 });
 wait_for($node, q{SELECT count(*) FROM stripe_meter.outbox}, '0',
 	'v1: the eight backlogs drain');
 
+# A refill reads a key's events from where its last claim ended.  An event
+# committed late, with an earlier time than the events claimed since, is
+# behind that point: the walk, which reads every key from its start, must
+# find it while the key's backlog still drains (about 10 s).
+my $backlog = 200;
+$mock->config({ latency_ms => 50 });
+my $late = $node->background_psql('postgres');
+$late->query_safe('BEGIN');
+$late->query_safe(q{
+	SELECT stripe_meter_event_create('api_requests',
+		jsonb_build_object('stripe_customer_id', 'cus_straggler', 'value', 1), 'straggler-late')});
+$node->safe_psql('postgres', qq{
+	SELECT stripe_meter_event_create('api_requests',
+		jsonb_build_object('stripe_customer_id', 'cus_straggler', 'value', 1), 'straggler-' || i)
+	  FROM generate_series(1, $backlog) i});
+wait_for($node,
+	q{SELECT count(*) >= 20 FROM stripe_meter.meter_events WHERE customer = 'cus_straggler'},
+	't', 'v1: a backlog is being refilled');
+$late->query_safe('COMMIT');
+$late->quit;
+wait_for($node,
+	q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier = 'straggler-late'},
+	'1', 'v1: an event committed late with an earlier time is delivered');
+my $backlog_left = $node->safe_psql('postgres',
+	q{SELECT count(*) FROM stripe_meter.outbox WHERE customer = 'cus_straggler'});
+cmp_ok($backlog_left, '>', $backlog / 2,
+	"v1: ... while its key's backlog still drains ($backlog_left left of $backlog)");
+$mock->config({ latency_ms => 0 });
+wait_for($node, q{SELECT count(*) FROM stripe_meter.outbox}, '0',
+	'v1: the backlog drains');
+
 my %seen;
 $seen{ $_->{identifier} }++ for @{ $mock->events };
-is(scalar(keys %seen), 2 * ($hot_events + 100) + 8 * $per_key + 1,
+is(scalar(keys %seen), 2 * ($hot_events + 100) + 8 * $per_key + 1 + $backlog + 1,
 	'the mock billed every event');
 is(scalar(grep { $_ > 1 } values %seen), 0, 'and none twice');
 
