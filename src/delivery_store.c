@@ -37,6 +37,7 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -49,10 +50,7 @@ static SPIPlanPtr failed_plan = NULL;
 static SPIPlanPtr retry_plan = NULL;
 static SPIPlanPtr release_plan = NULL;
 
-static ArrayType *int8_array(Datum *values, int n);
-static ArrayType *text_array(Datum *values, bool *nulls, int n);
-static ArrayType *simple_array(Datum *values, bool *nulls, int n, Oid type,
-							   int len, bool byval, char align);
+static ArrayType *column_array(Datum *values, bool *nulls, int n, Oid type);
 static int	cmp_int64(const void *a, const void *b);
 
 /* the caller's memory context, current again after DeliveryStoreCommit */
@@ -311,7 +309,7 @@ choose_refills(ClaimChoice *c, const ClaimKey *keys, int nkeys)
 		for (i = 0; i < nkeys; i++)
 			d[i] = CStringGetTextDatum(f == 0 ? keys[i].customer :
 									   f == 1 ? keys[i].event_name : keys[i].account);
-		args[f] = PointerGetDatum(text_array(d, NULL, nkeys));
+		args[f] = PointerGetDatum(column_array(d, NULL, nkeys, TEXTOID));
 	}
 
 	/*
@@ -321,8 +319,7 @@ choose_refills(ClaimChoice *c, const ClaimKey *keys, int nkeys)
 	 */
 	for (i = 0; i < nkeys; i++)
 		d[i] = TimestampTzGetDatum(keys[i].due_from);
-	args[3] = PointerGetDatum(simple_array(d, NULL, nkeys, TIMESTAMPTZOID, 8,
-										   FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[3] = PointerGetDatum(column_array(d, NULL, nkeys, TIMESTAMPTZOID));
 	args[4] = Int32GetDatum(CLAIM_PER_KEY);
 	args[5] = TimestampTzGetDatum(c->now);
 	rc = SPI_execute_plan(refill_plan, args, NULL, true, 0);
@@ -507,10 +504,10 @@ DeliveryStoreClaim(int limit, const ClaimKey *refill, int nrefill, bool walk,
 	d = palloc(sizeof(Datum) * c.nids);
 	for (i = 0; i < c.nids; i++)
 		d[i] = Int64GetDatum(c.ids[i]);
-	args[0] = PointerGetDatum(int8_array(d, c.nids));
+	args[0] = PointerGetDatum(column_array(d, NULL, c.nids, INT8OID));
 	for (i = 0; i < c.nsend; i++)
 		d[i] = Int64GetDatum(c.send_ids[i]);
-	args[1] = PointerGetDatum(int8_array(d, c.nsend));
+	args[1] = PointerGetDatum(column_array(d, NULL, c.nsend, INT8OID));
 
 	/*
 	 * The claim must be on disk before any of its events is sent, whatever
@@ -592,7 +589,7 @@ DeliveryStoreMarkSent(ClaimedEvent **events, int n)
 		return 0;
 	for (i = 0; i < n; i++)
 		d[i] = Int64GetDatum(events[i]->id);
-	arg = PointerGetDatum(int8_array(d, n));
+	arg = PointerGetDatum(column_array(d, NULL, n, INT8OID));
 	if (mark_plan == NULL)
 		mark_plan = SpiPrepareSaved("UPDATE stripe_meter.outbox o"
 									"   SET sent_at = COALESCE(o.sent_at, pg_catalog.now())"
@@ -623,27 +620,20 @@ DeliveryStoreMarkSent(ClaimedEvent **events, int n)
 	return nmarked;
 }
 
+/*
+ * A one-dimensional array of n values (nulls may be NULL: none is) of one
+ * of the types the statements here take a column of.
+ */
 static ArrayType *
-int8_array(Datum *values, int n)
-{
-	return construct_array(values, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
-}
-
-static ArrayType *
-text_array(Datum *values, bool *nulls, int n)
+column_array(Datum *values, bool *nulls, int n, Oid type)
 {
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
+	int16		len;
+	bool		byval;
+	char		align;
 
-	return construct_md_array(values, nulls, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT);
-}
-
-static ArrayType *
-simple_array(Datum *values, bool *nulls, int n, Oid type, int len, bool byval, char align)
-{
-	int			dims[1] = {n};
-	int			lbs[1] = {1};
-
+	get_typlenbyvalalign(type, &len, &byval, &align);
 	return construct_md_array(values, nulls, 1, dims, lbs, type, len, byval, align);
 }
 
@@ -688,7 +678,7 @@ lock_rows(ClaimedEvent **events, int n)
 
 	for (i = 0; i < n; i++)
 		ids[i] = Int64GetDatum(events[i]->id);
-	arg = PointerGetDatum(int8_array(ids, n));
+	arg = PointerGetDatum(column_array(ids, NULL, n, INT8OID));
 	if (lock_plan == NULL)
 		lock_plan = SpiPrepareSaved("SELECT id FROM stripe_meter.outbox"
 									" WHERE id = ANY ($1::bigint[])"
@@ -912,11 +902,11 @@ DeliveryStoreRecord(ClaimedEvent **events, int n, int *deferred)
 										" ON CONFLICT (identifier) DO NOTHING",
 										5, types);
 		}
-		args[0] = PointerGetDatum(int8_array(d_id, nd));
-		args[1] = PointerGetDatum(text_array(d_obj, d_objn, nd));
-		args[2] = PointerGetDatum(text_array(d_how, NULL, nd));
-		args[3] = PointerGetDatum(text_array(d_req, d_reqn, nd));
-		args[4] = PointerGetDatum(text_array(d_ses, d_sesn, nd));
+		args[0] = PointerGetDatum(column_array(d_id, NULL, nd, INT8OID));
+		args[1] = PointerGetDatum(column_array(d_obj, d_objn, nd, TEXTOID));
+		args[2] = PointerGetDatum(column_array(d_how, NULL, nd, TEXTOID));
+		args[3] = PointerGetDatum(column_array(d_req, d_reqn, nd, TEXTOID));
+		args[4] = PointerGetDatum(column_array(d_ses, d_sesn, nd, TEXTOID));
 		rc = SPI_execute_plan(delivered_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not record delivered meter events: %s", SPI_result_code_string(rc));
@@ -958,12 +948,12 @@ DeliveryStoreRecord(ClaimedEvent **events, int n, int *deferred)
 									 " ON CONFLICT (identifier) DO NOTHING",
 									 6, types);
 		}
-		args[0] = PointerGetDatum(int8_array(f_id, nf));
-		args[1] = PointerGetDatum(text_array(f_reason, NULL, nf));
-		args[2] = PointerGetDatum(simple_array(f_status, f_statusn, nf, INT4OID, 4, true, TYPALIGN_INT));
-		args[3] = PointerGetDatum(text_array(f_err, f_errn, nf));
-		args[4] = PointerGetDatum(text_array(f_req, f_reqn, nf));
-		args[5] = PointerGetDatum(simple_array(f_maybe, NULL, nf, BOOLOID, 1, true, TYPALIGN_CHAR));
+		args[0] = PointerGetDatum(column_array(f_id, NULL, nf, INT8OID));
+		args[1] = PointerGetDatum(column_array(f_reason, NULL, nf, TEXTOID));
+		args[2] = PointerGetDatum(column_array(f_status, f_statusn, nf, INT4OID));
+		args[3] = PointerGetDatum(column_array(f_err, f_errn, nf, TEXTOID));
+		args[4] = PointerGetDatum(column_array(f_req, f_reqn, nf, TEXTOID));
+		args[5] = PointerGetDatum(column_array(f_maybe, NULL, nf, BOOLOID));
 		rc = SPI_execute_plan(failed_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not record failed meter events: %s", SPI_result_code_string(rc));
@@ -992,11 +982,11 @@ DeliveryStoreRecord(ClaimedEvent **events, int n, int *deferred)
 									" WHERE o.id = r.id",
 									5, types);
 		}
-		args[0] = PointerGetDatum(int8_array(r_id, nr));
-		args[1] = PointerGetDatum(simple_array(r_next, NULL, nr, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-		args[2] = PointerGetDatum(simple_array(r_status, r_statusn, nr, INT4OID, 4, true, TYPALIGN_INT));
-		args[3] = PointerGetDatum(text_array(r_reason, r_reasonn, nr));
-		args[4] = PointerGetDatum(simple_array(r_unknown, NULL, nr, BOOLOID, 1, true, TYPALIGN_CHAR));
+		args[0] = PointerGetDatum(column_array(r_id, NULL, nr, INT8OID));
+		args[1] = PointerGetDatum(column_array(r_next, NULL, nr, TIMESTAMPTZOID));
+		args[2] = PointerGetDatum(column_array(r_status, r_statusn, nr, INT4OID));
+		args[3] = PointerGetDatum(column_array(r_reason, r_reasonn, nr, TEXTOID));
+		args[4] = PointerGetDatum(column_array(r_unknown, NULL, nr, BOOLOID));
 		rc = SPI_execute_plan(retry_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_UPDATE)
 			elog(ERROR, "could not reschedule meter events: %s", SPI_result_code_string(rc));
@@ -1038,9 +1028,9 @@ DeliveryStoreRecord(ClaimedEvent **events, int n, int *deferred)
 									  " WHERE o.id = r.id",
 									  3, types);
 		}
-		args[0] = PointerGetDatum(int8_array(l_id, nl));
-		args[1] = PointerGetDatum(simple_array(l_next, l_nextn, nl, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-		args[2] = PointerGetDatum(simple_array(l_sent, NULL, nl, BOOLOID, 1, true, TYPALIGN_CHAR));
+		args[0] = PointerGetDatum(column_array(l_id, NULL, nl, INT8OID));
+		args[1] = PointerGetDatum(column_array(l_next, l_nextn, nl, TIMESTAMPTZOID));
+		args[2] = PointerGetDatum(column_array(l_sent, NULL, nl, BOOLOID));
 		rc = SPI_execute_plan(release_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_UPDATE)
 			elog(ERROR, "could not release meter events: %s", SPI_result_code_string(rc));
