@@ -156,8 +156,9 @@ static TimestampTz claim_started_at = 0;
  * so that one customer's backlog never fills the worker's memory.
  *
  * It also asks whether the key's first event will go on the wire as soon as
- * the claim commits: its key free, the sender with a place for it, and its
- * account neither paused nor out of tokens.  The claim marks such an event
+ * the claim commits: its key free, the sender with a place for it and
+ * ready for its account (API v2: a session), and its account neither
+ * paused nor out of tokens (one per request).  The claim marks such an event
  * sent itself, which saves the sent mark's own durable transaction.  An
  * event so marked that still does not go out (a pause after the claim) is
  * released as never sent; only a crash in between would count it as sent,
@@ -182,8 +183,11 @@ claim_room(uint64 key, const char *account, bool more, bool walked,
 		return 0;
 	if ((bk == NULL || bk->held == 0) && send_now_taken < send_now_room &&
 		!PauseAccountIsPaused(account) &&
+		(sender->account_ready == NULL ||
+		 sender->account_ready(account, claim_started_at)) &&
 		RateLimiterHasTokens(account, claim_started_at,
-							 (int) dclist_count(&ready) + send_now_taken + 1))
+							 ((int) dclist_count(&ready) + send_now_taken) /
+							 sender->events_per_request + 1))
 	{
 		*send_now = true;
 		send_now_taken++;

@@ -411,6 +411,13 @@ typedef struct Sender
 	 * when it cannot say): the claim marks that many sent itself
 	 */
 	int			(*room_now) (void);
+
+	/*
+	 * whether the sender itself would let an event of this account (NULL:
+	 * the key's own) go at the next flush; called inside the claim, so it
+	 * only looks (NULL: always)
+	 */
+	bool		(*account_ready) (const char *account, TimestampTz now);
 	SenderTake	(*add) (ClaimedEvent *e, TimestampTz now, long *wait_ms);
 	long		(*flush) (void);	/* ms until held-back events may go, or -1 */
 	int			(*unsent) (void);

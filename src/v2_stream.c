@@ -331,13 +331,33 @@ v2_destination(void)
 }
 
 /*
- * Events wait in a batch, and for a session, before they go: the claim
- * cannot tell which go at once, so the batch is marked when it goes.
+ * The events the next flush could put on the wire: a batch for each free
+ * place in the request window, less those already waiting.  Which of them
+ * may go is up to their account's session (v2_account_ready).
  */
 static int
 v2_room_now(void)
 {
-	return 0;
+	int			places = stripe_meter_max_in_flight - StripeClientInFlight();
+
+	return Max(places * V2_MAX_BATCH_EVENTS - unsent, 0);
+}
+
+/*
+ * An account's events go at the next flush when its session has a token
+ * now; one still to be created (or failing) makes them wait.  Only looks:
+ * V2SessionUsable() would start a creation, which the claim must not.
+ */
+static bool
+v2_account_ready(const char *account, TimestampTz now)
+{
+	const char *key = account ? account : "";
+	V2Account  *a;
+
+	if (strlen(key) >= ACCOUNT_KEY_LEN)
+		return false;
+	a = hash_search(accounts, key, HASH_FIND, NULL);
+	return a != NULL && a->session.token != NULL && now < a->session.expires_at;
 }
 
 /* batches wait for their session and token: only the window limits */
@@ -609,6 +629,7 @@ const Sender V2Sender = {
 	.destination = v2_destination,
 	.has_room = v2_has_room,
 	.room_now = v2_room_now,
+	.account_ready = v2_account_ready,
 	.add = v2_add,
 	.flush = v2_flush,
 	.unsent = v2_unsent,

@@ -9,7 +9,8 @@
 #
 # With API v2 an event may wait in a batch (here: while its meter event
 # session is being created); the resend window is checked when the batch
-# is sent, not only when the event joins it.
+# is sent, not only when the event joins it.  Once the session is ready,
+# the claim marks an event that goes at once, as with v1.
 use strict;
 use warnings;
 
@@ -88,5 +89,32 @@ wait_for($node,
 	q{SELECT reason LIKE 'not resent:%' FROM stripe_meter.failed_events WHERE identifier = 'sm-v2-late'},
 	't', 'v2: the event is failed when its batch goes, past the resend window', 'v2db');
 is(scalar(@{ $mock->events(identifier => 'sm-v2-late') }), 0, 'v2: and Stripe never received it');
+
+# v2, its session ready: an event that goes as soon as it is claimed is
+# marked sent by the claim itself (sent_at is the claim's time); the next
+# of the same customer and meter waits behind it, unmarked, and is marked
+# when it goes
+# (no rate limit here: a token is one of the things the claim asks for)
+$mock->config({ latency_ms => 3000 });
+$node->append_conf('postgresql.conf', "stripe_meter.rate_limit = 0\n");
+$node->reload;
+# a new session sees it once the postmaster has passed the reload on
+wait_for($node, 'SHOW stripe_meter.rate_limit', '0', 'the rate limit is lifted');
+$node->safe_psql('v2db', q{
+	SELECT stripe_meter_event_create('api_requests',
+		'{"stripe_customer_id": "cus_v2b", "value": 1}', 'sm-v2-' || x)
+	  FROM unnest(ARRAY['first', 'second']) x});
+wait_for($node, q{
+	SELECT string_agg(identifier || ':' || CASE WHEN sent_at IS NULL THEN 'unmarked'
+	                                              WHEN sent_at = in_flight_since THEN 'marked by the claim'
+	                                              ELSE 'marked later' END, ',' ORDER BY id)
+	  FROM stripe_meter.outbox WHERE in_flight_since IS NOT NULL},
+	'sm-v2-first:marked by the claim,sm-v2-second:unmarked',
+	'v2: the claim marks the event that goes at once, not the one behind it', 'v2db');
+$mock->config({ latency_ms => 0 });
+wait_for($node, q{SELECT count(*) FROM stripe_meter.meter_events WHERE identifier LIKE 'sm-v2-%'},
+	'2', 'v2: both are delivered', 'v2db');
+is(scalar(@{ $mock->events(identifier => 'sm-v2-first') }) + scalar(@{ $mock->events(identifier => 'sm-v2-second') }),
+	2, 'v2: each billed once');
 
 done_testing();
