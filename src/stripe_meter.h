@@ -690,6 +690,7 @@ typedef struct V2Session
 
 extern void V2SessionSetup(MemoryContext cxt, const SenderHooks *hooks);
 extern void V2SessionInit(V2Session *s, const char *account);
+extern bool V2SessionHasToken(const V2Session *s, TimestampTz now);
 extern bool V2SessionUsable(V2Session *s, TimestampTz now, long *wait_ms);
 extern void V2SessionExpired(V2Session *s, uint64 generation);
 extern void V2SessionFree(V2Session *s);

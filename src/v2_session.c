@@ -145,6 +145,16 @@ start_creation(V2Session *s, TimestampTz now)
 }
 
 /*
+ * V2SessionHasToken
+ *		True when s has a token that has not expired at now.  Only looks.
+ */
+bool
+V2SessionHasToken(const V2Session *s, TimestampTz now)
+{
+	return s->token != NULL && now < s->expires_at;
+}
+
+/*
  * V2SessionUsable
  *		True when s has a token that may be used now.  Starts creating the
  *		next session when one is due.  When false, *wait_ms says when to
@@ -153,7 +163,7 @@ start_creation(V2Session *s, TimestampTz now)
 bool
 V2SessionUsable(V2Session *s, TimestampTz now, long *wait_ms)
 {
-	bool		usable = s->token != NULL && now < s->expires_at;
+	bool		usable = V2SessionHasToken(s, now);
 
 	*wait_ms = -1;
 	if (!usable && s->token != NULL)

@@ -113,6 +113,17 @@ v2_init(MemoryContext parent, const SenderHooks *h)
 	make_accounts();
 }
 
+/* the account's entry (NULL: the key's own), or NULL when it has none */
+static V2Account *
+known_account(const char *stripe_account)
+{
+	const char *key = stripe_account ? stripe_account : "";
+
+	if (accounts == NULL || strlen(key) >= ACCOUNT_KEY_LEN)
+		return NULL;
+	return hash_search(accounts, key, HASH_FIND, NULL);
+}
+
 static V2Account *
 account_for(const char *stripe_account)
 {
@@ -351,13 +362,9 @@ v2_room_now(void)
 static bool
 v2_account_ready(const char *account, TimestampTz now)
 {
-	const char *key = account ? account : "";
-	V2Account  *a;
+	V2Account  *a = known_account(account);
 
-	if (strlen(key) >= ACCOUNT_KEY_LEN)
-		return false;
-	a = hash_search(accounts, key, HASH_FIND, NULL);
-	return a != NULL && a->session.token != NULL && now < a->session.expires_at;
+	return a != NULL && V2SessionHasToken(&a->session, now);
 }
 
 /* batches wait for their session and token: only the window limits */
@@ -413,7 +420,7 @@ account_idle(V2Account *a, TimestampTz now)
 	return a->open == NULL && dlist_is_empty(&a->full) && dlist_is_empty(&a->solo) &&
 		a->in_flight == 0 &&
 		!s->creating &&
-		(s->token == NULL || now >= s->expires_at) &&
+		!V2SessionHasToken(s, now) &&
 		(s->retry_at == 0 || now >= s->retry_at);
 }
 
@@ -607,14 +614,11 @@ v2_release_unsent(void)
 static void
 v2_release_account(const char *account, TimestampTz not_before)
 {
-	char		key[ACCOUNT_KEY_LEN];
 	V2Account  *a;
 
-	if (accounts == NULL || account == NULL || strlen(account) >= ACCOUNT_KEY_LEN)
+	if (account == NULL)
 		return;
-	memset(key, 0, sizeof(key));
-	strlcpy(key, account, sizeof(key));
-	a = hash_search(accounts, key, HASH_FIND, NULL);
+	a = known_account(account);
 	if (a != NULL)
 		unsent -= release_account(a, not_before);
 }
